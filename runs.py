@@ -240,7 +240,8 @@ def score_policy(model, tok, eval_rm, cfg, s, prompts, rows, adapter, seed) -> t
 def compare_policies(model, tok, eval_rm, cfg, s, rows, adapters: dict, run=None, say=print) -> dict:
     """Scores each adapter on the same held-out prompts; the first one is the baseline of the paired
     difference (per-prompt reward of a policy minus the baseline's, mean ± stderr)."""
-    rows, p, _ = fit_rows(tok, take(rows, s["test_prompts"], s["seed"], "test"), s, "test", say)
+    rows, p, _ = fit_rows(tok, rows, s, "test", say)
+    rows, p = zip(*take(list(zip(rows, p)), s["test_prompts"], s["seed"], "test"))
     prompts = zopro.pack(p, [[]] * len(p), tok.pad_token_id, s["device"])
     results = {"task": s["task"], "split": TASKS[s["task"]].splits["test"], "method": s["method"],
                "reward_model": "eval_rm: the initial reward model, trained on human labels, fixed for the run"}

@@ -302,7 +302,8 @@ def policy_stage(run, model, tok, rm, eval_rm, s, train_rows, dev_rows, test_row
     device = s["device"]
     kept, prompts, _ = runs.fit_rows(tok, train_rows, s, "train prompts", say)
     train_prompts = zopro.pack(prompts, [[]] * len(prompts), tok.pad_token_id, device)
-    dev_kept, dev_p, _ = runs.fit_rows(tok, runs.take(dev_rows, s["dev_prompts"], s["seed"], "dev"), s, "dev", say)
+    dev_kept, dev_p, _ = runs.fit_rows(tok, dev_rows, s, "dev", say)
+    dev_kept, dev_p = zip(*runs.take(list(zip(dev_kept, dev_p)), s["dev_prompts"], s["seed"], "dev"))
     dev_prompts = zopro.pack(dev_p, [[]] * len(dev_p), tok.pad_token_id, device)
     judge = make_judge(s, model, tok, eval_rm, say)
 

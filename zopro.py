@@ -682,70 +682,79 @@ def prompt_order(n: int, cfg: Config, iteration: int) -> torch.Tensor:
 
 def train(model, tokenizer, cfg: Config, prompts: Sequences, questions: list[str], rm: RewardModel, judge,
           state: State, on_step=None, on_iteration_end=None) -> State:
-    """Runs (or resumes) the policy iterations. `prompts` are the training prompts as Sequences and
+    """Runs (or resumes, from `state`) the policy iterations. `prompts` are the training prompts and
     `questions` their plain text for the judge. on_step(state, metrics) and on_iteration_end(state, metrics)
     do the caller's logging and checkpointing; either may raise to stop the run."""
-    eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
     params = adapter_params(model, POLICY)
-    device = prompts.ids.device
     while state.iteration < cfg.iterations:
-        it, first_order = state.iteration, is_first_order(cfg, state.iteration)
         if state.iteration_start is None:
             state.iteration_start = adapter_state(model, POLICY)
-        # ALGO: iteration i ≥ 1 samples directions from μ and v (targeted) or N(0, I) (gaussian).
+        # ALGO: iteration 0 (and method "rloo") is first-order; later ones sample directions from μ and v
+        # (targeted, ZOPrO) or from N(0, I) (gaussian, MeZO).
         sampler = optimizer = None
-        if first_order:
+        if is_first_order(cfg, state.iteration):
             optimizer = torch.optim.AdamW(params.values(), lr=cfg.fo_lr, weight_decay=cfg.weight_decay)
             if state.optimizer is not None:
                 optimizer.load_state_dict(state.optimizer)
         else:
             kind = "targeted" if cfg.method == "zopro" else "gaussian"
             sampler = Sampler(kind, params, state.prev_update, state.reward_delta)
-        order = prompt_order(len(prompts), cfg, it)
+        order = prompt_order(len(prompts), cfg, state.iteration)
         while state.step < cfg.steps_per_iteration:
-            t = state.step
-            idx = order[t * cfg.prompts_per_step:(t + 1) * cfg.prompts_per_step].to(device)
-            gen = make_generator(derive_seed(cfg.seed, "rollout", state.global_step), device)
-            t0 = time.perf_counter()
-            batch = make_batch(model, prompts.select(idx), rm, cfg, gen, eos_id, pad_id)
-            if first_order:
-                lr = step_lr(cfg, cfg.fo_lr, t)
-                m = rloo_step(model, params, optimizer, batch, cfg, lr)
-                state.optimizer = optimizer.state_dict()
-                d = None
-            else:
-                lr, d = step_lr(cfg, cfg.lr, t), decay(t, cfg.steps_per_iteration, cfg.decay, cfg.decay_start, cfg.decay_rate)
-                m = zo_step(model, params, sampler, batch, cfg, state.global_step, d, lr)
-            batch.seconds["step"] = time.perf_counter() - t0
-            m.update(iteration=it, step=t, global_step=state.global_step, lr=lr, decay=d,
-                     reward=batch.scores.mean().item(), kl=batch.kl.mean().item(),
-                     rlhf_reward=batch.rewards.mean().item(),
-                     response_len=batch.seqs.response_mask.sum(-1).float().mean().item(), seconds=batch.seconds)
+            idx = order[state.step * cfg.prompts_per_step:(state.step + 1) * cfg.prompts_per_step]
+            m = policy_step(model, tokenizer, params, cfg, state, prompts.select(idx.to(prompts.ids.device)), rm,
+                            sampler, optimizer)
             state.step += 1
             state.global_step += 1
             if on_step:
                 on_step(state, m)
-        # ALGO: end of iteration i: μ = θ⁽ⁱ⁾ − θ⁽ⁱ⁻¹⁾, refine φ on judged pairs, v = φ⁽ⁱ⁺¹⁾ − φ⁽ⁱ⁾.
-        metrics = {"iteration": it}
-        mu = {k: p.detach() - state.iteration_start[k] for k, p in params.items()}
-        if cfg.normalize_prev_update:
-            rms = math.sqrt(sum(float(x.pow(2).sum()) for x in mu.values()) / sum(x.numel() for x in mu.values()))
-            metrics["prev_update_rms"] = rms
-            mu = {k: x / rms for k, x in mu.items()} if rms > 0 else mu
-        if it + 1 < cfg.iterations:
-            phi_before = adapter_state(model, rm.adapter)
-            sel = prompt_order(len(prompts), cfg, it)[:cfg.refine_prompts].to(device)
-            metrics.update(refine_reward_model(model, rm, judge, prompts.select(sel), [questions[i] for i in sel.tolist()],
-                                               tokenizer, cfg, derive_seed(cfg.seed, "refine", it), eos_id, pad_id))
-            phi_after = adapter_state(model, rm.adapter)
-            state.reward_delta = {k: phi_after[k] - phi_before[k] for k in phi_after}
-            metrics["reward_delta_norm"] = math.sqrt(sum(float(v.pow(2).sum()) for v in state.reward_delta.values()))
-            metrics["cos_prev_update_reward_delta"] = cosine(mu, state.reward_delta)
-        state.prev_update = mu
-        state.iteration, state.step, state.iteration_start, state.optimizer = it + 1, 0, None, None
+        metrics = end_iteration(model, tokenizer, params, cfg, state, prompts, questions, rm, judge)
         if on_iteration_end:
             on_iteration_end(state, metrics)
     return state
+
+
+def policy_step(model, tokenizer, params, cfg: Config, state: State, prompts: Sequences, rm: RewardModel,
+                sampler: Sampler | None, optimizer) -> dict:
+    """One update on a batch of prompts: rollouts, then SPSA (sampler given) or AdamW (optimizer given)."""
+    t, t0 = state.step, time.perf_counter()
+    gen = make_generator(derive_seed(cfg.seed, "rollout", state.global_step), prompts.ids.device)
+    batch = make_batch(model, prompts, rm, cfg, gen, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    if optimizer is not None:
+        lr, d = step_lr(cfg, cfg.fo_lr, t), None
+        m = rloo_step(model, params, optimizer, batch, cfg, lr)
+        state.optimizer = optimizer.state_dict()
+    else:
+        lr, d = step_lr(cfg, cfg.lr, t), decay(t, cfg.steps_per_iteration, cfg.decay, cfg.decay_start, cfg.decay_rate)
+        m = zo_step(model, params, sampler, batch, cfg, state.global_step, d, lr)
+    batch.seconds["step"] = time.perf_counter() - t0
+    return {**m, "iteration": state.iteration, "step": t, "global_step": state.global_step, "lr": lr, "decay": d,
+            "reward": batch.scores.mean().item(), "kl": batch.kl.mean().item(),
+            "rlhf_reward": batch.rewards.mean().item(),
+            "response_len": batch.seqs.response_mask.sum(-1).float().mean().item(), "seconds": batch.seconds}
+
+
+def end_iteration(model, tokenizer, params, cfg: Config, state: State, prompts: Sequences, questions, rm, judge) -> dict:
+    """ALGO: after iteration i: μ = θ⁽ⁱ⁾ − θ⁽ⁱ⁻¹⁾; refine φ on judged pairs; v = φ⁽ⁱ⁺¹⁾ − φ⁽ⁱ⁾."""
+    it = state.iteration
+    metrics = {"iteration": it}
+    mu = {k: p.detach() - state.iteration_start[k] for k, p in params.items()}
+    rms = math.sqrt(sum(float(x.pow(2).sum()) for x in mu.values()) / sum(x.numel() for x in mu.values()))
+    metrics["prev_update_rms"] = rms
+    if cfg.normalize_prev_update and rms > 0:
+        mu = {k: x / rms for k, x in mu.items()}
+    if it + 1 < cfg.iterations:  # no refinement after the last iteration: nothing would use it
+        phi_before = adapter_state(model, rm.adapter)
+        sel = prompt_order(len(prompts), cfg, it)[:cfg.refine_prompts].to(prompts.ids.device)
+        metrics.update(refine_reward_model(model, rm, judge, prompts.select(sel), [questions[i] for i in sel.tolist()],
+                                           tokenizer, cfg, derive_seed(cfg.seed, "refine", it),
+                                           tokenizer.eos_token_id, tokenizer.pad_token_id))
+        state.reward_delta = {k: v - phi_before[k] for k, v in adapter_state(model, rm.adapter).items()}
+        metrics["reward_delta_norm"] = math.sqrt(sum(float(v.pow(2).sum()) for v in state.reward_delta.values()))
+        metrics["cos_prev_update_reward_delta"] = cosine(mu, state.reward_delta)
+    state.prev_update = mu
+    state.iteration, state.step, state.iteration_start, state.optimizer = it + 1, 0, None, None
+    return metrics
 
 
 def cosine(a: dict, b: dict) -> float:
@@ -763,9 +772,10 @@ def cosine(a: dict, b: dict) -> float:
 @torch.no_grad()
 def evaluate_policy(model, prompts: Sequences, rm: RewardModel, cfg: Config, eos_id: int, pad_id: int,
                     adapter: str = POLICY, seed: int = 0, batch_size: int = 16) -> dict:
-    """Greedy responses scored by `rm`, and a KL(π_τ‖π_ref,τ) estimate from one sampled response per prompt.
-    Returns per-prompt lists: reward [N], kl [N], and the greedy Sequences' response ids."""
-    rewards, kls, responses, lengths = [], [], [], []
+    """Greedy responses scored by `rm`, and a KL(π_τ‖π_ref,τ) estimate from one response per prompt sampled
+    at the training temperature. Returns per-prompt lists: reward, kl, length, finished (EOS before the
+    token limit), responses (token ids without the EOS)."""
+    out = {"reward": [], "kl": [], "length": [], "finished": [], "responses": []}
     for i in range(0, len(prompts), batch_size):
         p = prompts.select(slice(i, i + batch_size))
         with use_adapter(model, adapter):
@@ -774,8 +784,12 @@ def evaluate_policy(model, prompts: Sequences, rm: RewardModel, cfg: Config, eos
                                      make_generator(derive_seed(seed, "eval-kl", i), p.ids.device))
         with use_adapter(model, REFERENCE):
             logp_ref = response_logprobs(model, sampled, cfg.temperature)
-        rewards += reward_scores(model, rm, greedy).tolist()
-        kls += ((logp - logp_ref) * sampled.response_mask).sum(-1).tolist()
-        responses += [r[m == 1].tolist() for r, m in zip(greedy.ids[:, greedy.prompt_len:], greedy.response_mask)]
-        lengths += greedy.response_mask.sum(-1).tolist()
-    return {"reward": rewards, "kl": kls, "responses": responses, "length": lengths}
+        out["reward"] += reward_scores(model, rm, greedy).tolist()
+        out["kl"] += ((logp - logp_ref) * sampled.response_mask).sum(-1).tolist()
+        for r, m in zip(greedy.ids[:, greedy.prompt_len:], greedy.response_mask):
+            r = r[m == 1]
+            finished = len(r) > 0 and r[-1].item() == eos_id
+            out["finished"].append(finished)
+            out["length"].append(len(r) - int(finished))
+            out["responses"].append(r[:len(r) - int(finished)].tolist())
+    return out

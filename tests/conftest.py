@@ -1,4 +1,5 @@
 """Tiny models built in memory: a 2-layer Llama and a byte-level tokenizer. Nothing is downloaded."""
+import os
 import sys
 from pathlib import Path
 
@@ -7,7 +8,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = Path(os.environ.get("ZOPRO_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 import zopro  # noqa: E402
 
