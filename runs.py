@@ -214,6 +214,14 @@ def take(items: list, n: int, seed: int, stream: str) -> list:
     return [items[i] for i in (idx[:n] if n else idx)]
 
 
+def held_out_prompts(tok, s: dict, rows, say=print) -> tuple[list, list[list[int]]]:
+    """The held-out prompts a report scores: rows that fit, then a sample of s["test_prompts"] seeded by
+    s["seed"] (0: all). Returns (rows, prompt token ids), aligned."""
+    rows, p, _ = fit_rows(tok, rows, s, "test", say)
+    rows, p = zip(*take(list(zip(rows, p)), s["test_prompts"], s["seed"], "test"))
+    return list(rows), list(p)
+
+
 def mean_stderr(xs: list[float]) -> tuple[float, float]:
     n = len(xs)
     m = sum(xs) / n
