@@ -207,7 +207,7 @@ def reward_report(model, tok, rm, s, items) -> dict:
     if not ys:
         return {"pair_accuracy": sum(preds) / len(preds), "n": len(preds)}
     p, y = torch.tensor(preds), torch.tensor(ys)
-    r = torch.corrcoef(torch.stack([p, y]))[0, 1].item()
+    r = torch.corrcoef(torch.stack([p, y]))[0, 1].item() if p.std() > 0 else None  # constant scores: undefined
     return {"pearson": r, "mse": (p - y).pow(2).mean().item(), "n": len(ys)}
 
 
@@ -360,9 +360,21 @@ def policy_stage(run, model, tok, rm, eval_rm, s, train_rows, dev_rows, test_row
 
 
 def final_report(run, model, tok, eval_rm, cfg, s, test_rows, say) -> dict:
-    """Held-out reward of the SFT policy and of the final policy under the evaluation reward model."""
-    results = runs.compare_policies(model, tok, eval_rm, cfg, s, test_rows, {"sft": zopro.REFERENCE, "final": zopro.POLICY},
-                                    run, say)
+    """Held-out reward of the SFT policy, the final policy and the policy selected on dev (the iteration with
+    the best dev reward, if it is not the last one), under the evaluation reward model."""
+    dev = [json.loads(x) for x in (run.path / "iterations.jsonl").read_text().splitlines()]
+    dev = {x["iteration"]: x.get("dev", x).get("reward") for x in dev if x["stage"] in ("dev", "iteration")}
+    best = max(dev, key=lambda i: dev[i])
+    adapters = {"sft": zopro.REFERENCE, "final": zopro.POLICY}
+    if 0 <= best < cfg.iterations - 1:
+        zopro.add_adapter(model, "selected", seed=0, trainable=False)
+        tensors = runs.load_tensors(run.ckpt / f"iter{best}.safetensors", s["device"])[0]
+        zopro.load_adapter_state(model, "selected", runs.unprefixed("policy", tensors))
+        adapters[f"iter{best} (best on dev)"] = "selected"
+    say(f"[select] dev reward by iteration (-1 = SFT): " + ", ".join(f"{i}: {r:+.4f}" for i, r in dev.items())
+        + f"; best: {best}")
+    results = runs.compare_policies(model, tok, eval_rm, cfg, s, test_rows, adapters, run, say)
+    results["dev_reward_by_iteration"], results["best_on_dev"] = dev, best
     runs.write_atomic(run.path / "results.json", json.dumps(results, indent=2))
     return results
 
