@@ -1,64 +1,450 @@
-"""Evaluate a run's policy on the task's held-out split, next to the SFT policy on the same prompts.
+"""Evaluate runs on the task's held-out split, side by side: one table, optional JSON, training curves.
 
-    python evaluate.py runs/wmt-zopro-s0                       # the final policy (latest checkpoint)
-    python evaluate.py runs/wmt-zopro-s0 --checkpoint iter1    # the policy after iteration 1
+    python evaluate.py runs/wmt-zopro-s0                                   # final policy vs its SFT policy
+    python evaluate.py runs/wmt-zopro-s0 runs/wmt-mezo-s0 --json cmp.json  # several runs, one table
+    python evaluate.py runs/wmt-zopro-s0/checkpoints/iter1.safetensors     # one checkpoint (or --checkpoint iter1)
+    python evaluate.py runs/wmt-zopro-s0 runs/wmt-mezo-s0 --eval-rm runs/wmt-zopro-s0   # one judge for all
+    python evaluate.py runs/wmt-zopro-s0 runs/wmt-mezo-s0 --plot figs      # training curves only, no model
 
-Responses are greedy; rewards come from the run's evaluation reward model (its initial reward model,
-trained on human labels and never refined, so gains are not measured by the model the policy chased);
-KL(π‖π_ref) is estimated from one sampled response per prompt. Writes RUN/eval.json.
+Every run is scored on the same held-out prompts (the task's test split, a sample seeded by --seed), with
+greedy responses, through zopro.evaluate_policy as in training:
+  reward     the evaluation reward model's score: by default each run's own initial reward model φ⁽⁰⁾
+             (trained on human labels, never refined, so not the model the policy chased); --eval-rm
+             scores every run with one reward model, so that runs are comparable
+  win rate   against the run's SFT policy on the same prompts: the higher reward wins, ties (and identical
+             responses) count ½; with --llm-judge also a causal LM's verdict (zopro.LLMJudge)
+  KL         KL(π‖π_ref) from one response per prompt sampled at the training temperature
+  length, empty (no text), at limit (no EOS before max_new_tokens)
+  task checks (metrics.TASK_CHECKS): wmt: copies the source, not German; chat, summarize: repetition
+  chrF       wmt: against the human post-edits (MLQE-PE v2) of the same sources, with the original MT's own
+             chrF as a yardstick (post-edits favour outputs close to that MT)
+Each value comes with its stderr or a 95% bootstrap interval, and n. Writes RUN/eval.json (eval-CKPT.json for
+a checkpoint other than latest) for each run, and --json PATH for all of them.
 """
 import argparse
+import hashlib
 import json
+import os
 import sys
+import tarfile
+import urllib.request
 from pathlib import Path
 
+import metrics
+import plots
 import runs
 import train
 import zopro
-from models import ModelError
+from metrics import MissingDependency
+from models import ModelError, cache_dir
 from runs import RunError
-from tasks import DataError
+from tasks import DataError, TASKS
+
+# A run can be compared with another only if the adapters of one fit the model of the other.
+SAME_MODEL = ("model", "lora_r", "lora_alpha", "lora_targets")
+
+# MLQE-PE (Fomicheva et al. 2020), tag v2.0.0: post-edits that keep the case, row i = MLQE row i.
+PE_COMMIT = "db898c02326547a6d046fa7ab370b7d87df4ea45"
+PE_TARBALLS = {"train": "train/en-de-train.tar.gz", "dev": "dev/en-de-dev.tar.gz", "test20": "test/en-de-test.tar.gz"}
+PE_URL = "https://github.com/sheffieldnlp/mlqe-pe/raw/{commit}/data/post-editing/{tarball}"
 
 
-def load_run(path: Path, device: str, checkpoint: str):
-    """Rebuilds a run's model with its SFT adapter, evaluation reward model and policy at `checkpoint`."""
-    cfg_file = path / "config.json"
-    if not cfg_file.exists():
-        raise RunError(f"{path} is not a run folder (no config.json)")
-    s = json.loads(cfg_file.read_text())
-    s["device"] = runs.pick_device(device)
-    needed = [path / "checkpoints" / f for f in ("sft.safetensors", "reward0.safetensors", f"{checkpoint}.safetensors")]
+def say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------
+# What to evaluate: run folders, checkpoints, their compatibility
+
+def targets_of(paths: list[str], checkpoint: str) -> list[tuple[Path, str]]:
+    """(run folder, checkpoint name) per argument: RUN (with --checkpoint) or RUN/checkpoints/NAME.safetensors."""
+    out = []
+    for p in map(Path, paths):
+        if p.suffix == ".safetensors" and p.parent.name == "checkpoints":
+            out.append((p.parent.parent, p.stem))
+        else:
+            out.append((p, checkpoint))
+    return out
+
+
+def read_config(run: Path) -> dict:
+    f = run / "config.json"
+    if not f.exists():
+        raise RunError(f"{run} is not a run folder (no config.json)")
+    return json.loads(f.read_text())
+
+
+def check_same_model(named: list[tuple[str, dict]], what: str = "runs") -> None:
+    """Refuses a mix of tasks or of base models / LoRA layouts, naming the setting and its values."""
+    (first, c0), rest = named[0], named[1:]
+    for key in ("task",) + SAME_MODEL:
+        odd = [(name, c.get(key)) for name, c in rest if c.get(key) != c0.get(key)]
+        if odd:
+            values = ", ".join(f"{n}: {v!r}" for n, v in [(first, c0.get(key))] + odd)
+            why = ("they are scored on different data" if key == "task" else
+                   "one's adapters do not fit the other's base model / LoRA layout")
+            raise RunError(f"cannot compare these {what}: they differ in {key} ({values}); {why}. "
+                           "Evaluate them separately.")
+
+
+def eval_rm_file(arg: str, c0: dict) -> Path:
+    """--eval-rm: a run folder (its checkpoints/reward0.safetensors) or a reward0.safetensors file."""
+    p = Path(arg)
+    f = p / "checkpoints" / "reward0.safetensors" if p.is_dir() else p
+    if not f.is_file():
+        raise RunError(f"--eval-rm {arg}: no such reward model file ({f})")
+    cfg = f.parent.parent / "config.json"
+    if f.parent.name == "checkpoints" and cfg.exists():
+        check_same_model([("the runs", c0), (f"--eval-rm {arg}", json.loads(cfg.read_text()))], "runs and --eval-rm")
+    return f
+
+
+def eval_settings(c0: dict, args) -> dict:
+    """The first run's settings, with this command's overrides: every run is scored under these."""
+    s = dict(c0, device=runs.pick_device(args.device))
+    for key in ("seed", "test_prompts", "max_new_tokens", "data_dir"):
+        if getattr(args, key) is not None:
+            s[key] = getattr(args, key)
+    if args.batch_size is not None:
+        s["micro_batch"] = args.batch_size
+    return s
+
+
+def digest(path: Path) -> str:
+    """Of the tensors alone: two runs' identical adapters differ in their files' metadata."""
+    h = hashlib.sha256()
+    for k, v in sorted(runs.load_tensors(path)[0].items()):
+        h.update(k.encode() + v.float().numpy().tobytes())
+    return h.hexdigest()
+
+
+def load_policy(model, eval_rm, run: Path, checkpoint: str, rm_file: Path, device: str) -> dict:
+    """Loads the run's SFT adapter (reference), the evaluation reward model and the policy at `checkpoint`.
+    Returns the checkpoint's metadata (iteration, step)."""
+    ckpt = run / "checkpoints"
+    needed = [ckpt / "sft.safetensors", rm_file, ckpt / f"{checkpoint}.safetensors"]
     missing = [str(f) for f in needed if not f.exists()]
     if missing:
-        raise RunError(f"{path}: missing {', '.join(missing)} (has the run reached that point? see log.txt)")
-    model, tok, rm, eval_rm = runs.build_model(s)
-    zopro.load_adapter_state(model, zopro.REFERENCE, runs.load_tensors(needed[0], s["device"])[0])
-    zopro.load_reward_state(model, eval_rm, runs.load_tensors(needed[1], s["device"])[0])
-    tensors, meta = runs.load_tensors(needed[2], s["device"])
-    zopro.load_adapter_state(model, zopro.POLICY, runs.unprefixed("policy", tensors))
-    return s, model, tok, eval_rm, meta
+        raise RunError(f"{run}: missing {', '.join(missing)} (has the run reached that point? see log.txt)")
+    zopro.load_adapter_state(model, zopro.REFERENCE, runs.load_tensors(needed[0], device)[0])
+    try:
+        zopro.load_reward_state(model, eval_rm, runs.load_tensors(rm_file, device)[0])
+    except (ValueError, RuntimeError) as e:
+        raise RunError(f"reward model {rm_file} does not fit {run}'s model: {e}") from e
+    tensors, meta = runs.load_tensors(needed[2], device)
+    policy = runs.unprefixed("policy", tensors)
+    if policy is None:
+        raise RunError(f"{needed[2]} holds no policy; choose latest or iterN")
+    zopro.load_adapter_state(model, zopro.POLICY, policy)
+    return meta
+
+
+# ----------------------------------------------------------------------------------------------------
+# References for chrF (wmt: human post-edits of the MLQE MT)
+
+def find_post_edits(s: dict, split: str) -> Path:
+    """The folder holding MLQE-PE v2's SPLIT.pe and SPLIT.src: under --data-dir / $ZOPRO_DATA_DIR (DATA,
+    DATA/v2, DATA/wmt20-mlqe-en-de-pe/v2, or beside an MLQE folder given as DATA), else the download cache,
+    fetched there from github.com/sheffieldnlp/mlqe-pe if missing."""
+    names = [f"{split}.pe", f"{split}.src"]
+    base = s.get("data_dir") or os.environ.get("ZOPRO_DATA_DIR")
+    b = Path(base) if base else None
+    places = [b / "wmt20-mlqe-en-de-pe" / "v2", b / "v2", b, b.parent / "wmt20-mlqe-en-de-pe" / "v2"] if b else []
+    cache = cache_dir() / "data" / "wmt20-mlqe-en-de-pe" / "v2"
+    for folder in places + [cache]:
+        if all((folder / n).exists() for n in names):
+            return folder
+    url = PE_URL.format(commit=PE_COMMIT, tarball=PE_TARBALLS[split])
+    say(f"[data] downloading {url}")
+    try:
+        with urllib.request.urlopen(url, timeout=30) as r:
+            cache.mkdir(parents=True, exist_ok=True)
+            (cache / "pe.tar.gz.tmp").write_bytes(r.read())
+        with tarfile.open(cache / "pe.tar.gz.tmp") as tf:
+            for n in names:
+                member = next(m for m in tf.getmembers() if m.name.endswith("/" + n))
+                (cache / (n + ".tmp")).write_bytes(tf.extractfile(member).read())
+                os.replace(cache / (n + ".tmp"), cache / n)  # atomic: never a half-written reference file
+        (cache / "pe.tar.gz.tmp").unlink()
+    except (OSError, tarfile.TarError, StopIteration) as e:
+        raise DataError(f"no MLQE-PE post-edits ({', '.join(names)}) in {', '.join(map(str, places + [cache]))}, "
+                        f"and {url} could not be fetched ({e}). Put wmt20-mlqe-en-de-pe/v2/ next to the MLQE "
+                        "folder.") from e
+    return cache
+
+
+def wmt_post_edits(s: dict, rows) -> list[str]:
+    """The v2 post-edit of each row's MT (line meta["index"]); the .src line must be the row's source, up to
+    whitespace (the files are tokenized), or the files are not aligned with MLQE."""
+    split = TASKS["wmt"].splits["test"]
+    folder = find_post_edits(s, split)
+    pe, src = ((folder / f"{split}.{x}").read_text(encoding="utf-8").splitlines() for x in ("pe", "src"))
+    squash = lambda text: "".join(text.split())  # noqa: E731
+    bad = [r.meta["index"] for r in rows
+           if r.meta["index"] >= len(src) or squash(src[r.meta["index"]]) != squash(r.meta["source"])]
+    if bad or len(pe) != len(src):
+        raise DataError(f"{folder}: {split}.pe/.src are not aligned with MLQE {split} (rows {bad[:5]}, "
+                        f"{len(pe)} vs {len(src)} lines)")
+    return [pe[r.meta["index"]] for r in rows]
+
+
+REFERENCES = {"wmt": wmt_post_edits}  # task -> (settings, rows) -> one reference per row
+
+
+def references(s: dict, rows) -> list[str] | None:
+    """References for chrF, or None (with the reason printed) if the task has none or they are unavailable."""
+    if s["task"] not in REFERENCES:
+        return None
+    try:
+        metrics.require("sacrebleu", metrics.CHRF_PIP)
+        return REFERENCES[s["task"]](s, rows)
+    except (MissingDependency, DataError) as e:
+        say(f"[chrF] skipped: {e}")
+        return None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Scoring
+
+def means(values: dict[str, list[float]]) -> dict:
+    """{name: mean, name_stderr: stderr} for per-prompt values, and n."""
+    out = {}
+    for k, xs in values.items():
+        out[k], out[k + "_stderr"] = runs.mean_stderr([float(x) for x in xs])
+    out["n"] = len(next(iter(values.values())))
+    return out
+
+
+def text_metrics(texts: list[str], rows, task: str, refs: list[str] | None) -> dict:
+    """Task checks (per prompt, averaged) and chrF: what can be said of responses as text alone."""
+    check = metrics.TASK_CHECKS.get(task)
+    per = [check(r, t) for r, t in zip(rows, texts)] if check else []
+    out = means({k: [p[k] for p in per] for k in per[0]}) if per else {}
+    if refs is not None:
+        out["chrf"] = metrics.chrf(texts, refs)
+    return out
+
+
+def score(model, tok, eval_rm, cfg, s, prompts, rows, adapter, refs) -> tuple[dict, dict]:
+    """One policy on the held-out prompts, through zopro.evaluate_policy. Returns (summary, per-prompt)."""
+    out = zopro.evaluate_policy(model, prompts, eval_rm, cfg, tok.eos_token_id, tok.pad_token_id, adapter,
+                                s["seed"], s["micro_batch"])
+    out["text"] = [tok.decode(ids, skip_special_tokens=True).strip() for ids in out["responses"]]
+    summary = means({"reward": out["reward"], "kl": out["kl"], "length": out["length"],
+                     "empty": [t == "" for t in out["text"]], "at_limit": [not f for f in out["finished"]]})
+    summary.update(text_metrics(out["text"], rows, s["task"], refs))
+    return summary, out
+
+
+def compare(pol: dict, sft: dict, s: dict, judge, rows, prompt_ids, tok) -> dict:
+    """Paired comparison with the SFT policy on the same prompts: reward gain, win rates."""
+    same = [a == b for a, b in zip(pol["responses"], sft["responses"])]
+    gain, gain_se = runs.mean_stderr([a - b for a, b in zip(pol["reward"], sft["reward"])])
+    out = {"reward_gain": gain, "reward_gain_stderr": gain_se, "win_rate": metrics.win_rate(metrics.win_outcomes(
+        [a > b for a, b in zip(pol["reward"], sft["reward"])],
+        [t or a == b for t, a, b in zip(same, pol["reward"], sft["reward"])]), seed=s["seed"])}
+    if judge is not None:
+        pack = lambda rs: zopro.pack(prompt_ids, rs, tok.pad_token_id, s["device"])  # noqa: E731
+        better = judge([r.question for r in rows], pol["text"], sft["text"], pack(pol["responses"]),
+                       pack(sft["responses"]), zopro.derive_seed(s["seed"], "eval-judge")).tolist()
+        out["win_rate_llm"] = metrics.win_rate(metrics.win_outcomes(better, same), seed=s["seed"])
+    return out
+
+
+def samples(rows, pol: dict, sft: dict, refs, n: int) -> list[dict]:
+    return [{"question": r.question, "sft": sft["text"][i], "sft_reward": sft["reward"][i],
+             "response": pol["text"][i], "reward": pol["reward"][i],
+             **({"reference": refs[i]} if refs else {})} for i, r in enumerate(rows[:n])]
+
+
+EVAL_SETTINGS = ("seed", "test_prompts", "max_prompt_len", "max_new_tokens", "temperature", "micro_batch")
+
+
+def header(s: dict, configs: list[dict], n: int, rm_override: Path | None) -> dict:
+    """What every number of the report shares: task, split, prompts, settings, reward model."""
+    differ = [k for k in EVAL_SETTINGS if len({json.dumps(c.get(k)) for c in configs}) > 1]
+    if differ:
+        say(f"[eval] the runs differ in {', '.join(differ)}: all are scored with the first run's values "
+            "(or this command's flags)")
+    return {"task": s["task"], "split": TASKS[s["task"]].splits["test"], "n": n,
+            "settings": {k: s[k] for k in EVAL_SETTINGS + ("device", "dtype", "model")},
+            "reward_model": str(rm_override) if rm_override else "each run's own initial reward model "
+                            "(checkpoints/reward0.safetensors: trained on human labels, never refined)"}
+
+
+def evaluate(args, targets, configs) -> dict:
+    """Scores every (run, checkpoint) and its SFT policy on the same prompts; returns the report."""
+    s = eval_settings(configs[0], args)
+    rm_override = eval_rm_file(args.eval_rm, configs[0]) if args.eval_rm else None
+    model, tok, _, eval_rm = runs.build_model(s, say)
+    cfg = train.config_of(s)
+    rows, prompt_ids = runs.held_out_prompts(tok, s, runs.load_split(s, "test"), say)
+    prompts = zopro.pack(prompt_ids, [[]] * len(prompt_ids), tok.pad_token_id, s["device"])
+    refs = references(s, rows)
+    judge = train.make_judge(dict(s, judge="llm"), model, tok, eval_rm, say) if args.llm_judge else None
+    report = {**header(s, configs, len(rows), rm_override), "runs": []}
+    if refs is not None or s["task"] in metrics.TASK_CHECKS:
+        report["dataset_responses"] = text_metrics([r.response for r in rows], rows, s["task"], refs)
+    sft_cache = {}  # (sft adapter, reward model) file digests -> scored SFT policy: runs often share both
+    for (run, ckpt), c in zip(targets, configs):
+        rm_file = rm_override or run / "checkpoints" / "reward0.safetensors"
+        meta = load_policy(model, eval_rm, run, ckpt, rm_file, s["device"])
+        key = (digest(run / "checkpoints" / "sft.safetensors"), digest(rm_file))
+        if key not in sft_cache:
+            sft_cache[key] = score(model, tok, eval_rm, cfg, s, prompts, rows, zopro.REFERENCE, refs)
+        (sft_sum, sft), (pol_sum, pol) = sft_cache[key], score(model, tok, eval_rm, cfg, s, prompts, rows,
+                                                               zopro.POLICY, refs)
+        pol_sum.update(compare(pol, sft, s, judge, rows, prompt_ids, tok))
+        report["runs"].append({
+            "run": str(run), "label": f"{run}:{ckpt}", "method": c.get("method"), "run_seed": c.get("seed"),
+            "checkpoint": {"name": ckpt, "iteration": meta.get("iteration"), "global_step": meta.get("global_step")},
+            "reward_model_file": str(rm_file), "sft": sft_sum, "policy": pol_sum,
+            "samples": samples(rows, pol, sft, refs, args.samples)})
+    return report
+
+
+# ----------------------------------------------------------------------------------------------------
+# Printing
+
+def pm(d: dict, key: str, fmt: str = "+.3f", scale: float = 1.0) -> str:
+    if key not in d:
+        return "-"
+    return f"{d[key] * scale:{fmt}} ± {d[key + '_stderr'] * scale:{fmt.lstrip('+')}}"
+
+
+def win_cell(w: dict | None) -> str:
+    return "-" if w is None else f"{w['rate']:.2f} [{w['ci95'][0]:.2f},{w['ci95'][1]:.2f}]"
+
+
+def chrf_cell(d: dict) -> str:
+    c = d.get("chrf")
+    if c is None:
+        return "-"
+    return f"{c['score']:.1f}" + (f" [{c['ci95'][0]:.1f},{c['ci95'][1]:.1f}]" if "ci95" in c else "")
+
+
+CHECK_CELLS = {"copies_source": ("copies src %", ".0f", 100), "not_german": ("not German %", ".0f", 100),
+               "repetition": ("repeated 4-grams", ".2f", 1)}
+
+
+def policy_cells(d: dict) -> dict:
+    """The table's cells for one policy's summary (any key may be missing)."""
+    cells = {"reward ± se": pm(d, "reward"), "Δ vs sft ± se": pm(d, "reward_gain"),
+             "win vs sft (RM) [95%]": win_cell(d.get("win_rate")), "win (LLM) [95%]": win_cell(d.get("win_rate_llm")),
+             "KL ± se": pm(d, "kl", ".3f")}
+    for name, k in (("empty %", "empty"), ("at limit %", "at_limit")):
+        cells[name] = f"{100 * d[k]:.0f}" if k in d else "-"
+    cells["length"] = f"{d['length']:.1f}" if "length" in d else "-"
+    cells["chrF [95%]"] = chrf_cell(d)
+    cells.update({name: pm(d, k, fmt, scale) for k, (name, fmt, scale) in CHECK_CELLS.items()})
+    return cells
+
+
+def table_rows(report: dict) -> list[dict]:
+    """One row per policy (each distinct SFT policy and each checkpoint) and one for the dataset's own
+    responses; columns that are empty in every row are left out."""
+    rows, seen_sft = [], []
+    for r in report["runs"]:
+        if r["sft"] not in seen_sft:  # runs that share the SFT adapter and reward model share its row
+            seen_sft.append(r["sft"])
+            rows.append({"policy": f"{r['run']}:sft", **policy_cells(r["sft"])})
+        rows.append({"policy": r["label"], **policy_cells(r["policy"])})
+    if "dataset_responses" in report:
+        rows.append({"policy": "dataset responses" + (" (the MT)" if report["task"] == "wmt" else ""),
+                     **policy_cells(report["dataset_responses"])})
+    keep = [c for c in rows[0] if c == "policy" or any(r[c] != "-" for r in rows)]
+    return [{c: r[c] for c in keep} for r in rows]
+
+
+def print_table(rows: list[dict]) -> None:
+    width = {c: max(len(c), *(len(r[c]) for r in rows)) for c in rows[0]}
+    for r in [{c: c for c in rows[0]}] + rows:
+        say("  ".join(r[c].ljust(width[c]) for c in rows[0]).rstrip())
+
+
+def one_line(text: str, width: int = 160) -> str:
+    t = " ".join(text.split())
+    return t if len(t) <= width else t[:width - 1] + "…"
+
+
+def print_report(report: dict) -> None:
+    s = report["settings"]
+    say(f"\n[eval] {report['task']} {report['split']}: n={report['n']} held-out prompts (seed {s['seed']}), greedy, "
+        f"max_new_tokens {s['max_new_tokens']}, KL sampled at τ={s['temperature']}")
+    say(f"[eval] reward model: {report['reward_model']}")
+    say("[eval] ± is one stderr; [95%] a bootstrap interval; win rates count ties ½\n")
+    print_table(table_rows(report))
+    if not report["runs"] or not report["runs"][0]["samples"]:
+        return
+    say("\n[samples] reward under the evaluation reward model in brackets")
+    for i, first in enumerate(report["runs"][0]["samples"]):
+        say(f"{i + 1}. {one_line(first['question'])}")
+        shown = set()
+        for r in report["runs"]:
+            x = r["samples"][i]
+            if (x["sft"], x["sft_reward"]) not in shown:  # runs that share the SFT policy show it once
+                shown.add((x["sft"], x["sft_reward"]))
+                say(f"   {r['run']}:sft [{x['sft_reward']:+.3f}] {one_line(x['sft'])}")
+            say(f"   {r['label']} [{x['reward']:+.3f}] {one_line(x['response'])}")
+        if "reference" in first:
+            say(f"   reference (post-edit) {one_line(first['reference'])}")
+
+
+def run_file(run: Path, ckpt: str) -> Path:
+    return run / ("eval.json" if ckpt == "latest" else f"eval-{ckpt}.json")
+
+
+# ----------------------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("runs", nargs="+", help="run folders made by train.py, or RUN/checkpoints/NAME.safetensors")
+    ap.add_argument("--checkpoint", default="latest", help="for run folders: latest (default) or iterN")
+    ap.add_argument("--json", help="write every number of the table (and the samples) to this file")
+    ap.add_argument("--eval-rm", help="score every run with this reward model: a run folder or a reward0.safetensors "
+                                      "(default: each run's own)")
+    ap.add_argument("--llm-judge", action="store_true", help="also a win rate judged by a causal LM (zopro.LLMJudge; "
+                                                             "the run's --judge-model, else the base model)")
+    ap.add_argument("--samples", type=int, default=3, help="prompts shown (and saved) with every policy's response")
+    ap.add_argument("--plot", metavar="OUTDIR", help="draw training curves from metrics.jsonl into OUTDIR (PNG); "
+                                                     "no model needed")
+    ap.add_argument("--evaluate", action=argparse.BooleanOptionalAction, default=None,
+                    help="score the policies (default: yes, unless --plot is given)")
+    g = ap.add_argument_group("evaluation settings (default: the first run's)")
+    g.add_argument("--seed", type=int, help="seeds the prompt sample and the KL samples")
+    g.add_argument("--test-prompts", type=int, help="held-out prompts (0: all)")
+    g.add_argument("--max-new-tokens", type=int, help="response length limit")
+    g.add_argument("--batch-size", type=int, help="prompts per generation batch")
+    g.add_argument("--data-dir", help="folder with the task's data (else $ZOPRO_DATA_DIR)")
+    g.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    return ap
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("run", help="run folder made by train.py")
-    ap.add_argument("--checkpoint", default="latest", help="latest (default) or iterN")
-    ap.add_argument("--test-prompts", type=int, default=None, help="held-out prompts (default: the run's setting; 0: all)")
-    ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    args = ap.parse_args(argv)
-    path = Path(args.run)
+    args = build_parser().parse_args(argv)
+    do_eval = args.evaluate if args.evaluate is not None else args.plot is None
     try:
-        s, model, tok, eval_rm, meta = load_run(path, args.device, args.checkpoint)
-        if args.test_prompts is not None:
-            s["test_prompts"] = args.test_prompts
-        results = runs.compare_policies(model, tok, eval_rm, train.config_of(s), s, runs.load_split(s, "test"),
-                                        {"sft": zopro.REFERENCE, args.checkpoint: zopro.POLICY})
-    except (RunError, ModelError, DataError, ValueError) as e:
+        targets = targets_of(args.runs, args.checkpoint)
+        configs = [read_config(run) for run, _ in targets]
+        if args.plot:
+            folders = list(dict.fromkeys(run for run, _ in targets))
+            for f in plots.plot_runs({str(p): p for p in folders}, Path(args.plot)):
+                say(f"wrote {f}")
+        if not do_eval:
+            return 0
+        check_same_model([(f"{run}", c) for (run, _), c in zip(targets, configs)])
+        report = evaluate(args, targets, configs)
+    except (RunError, ModelError, DataError, MissingDependency, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    results["checkpoint"] = {"name": args.checkpoint, "iteration": meta.get("iteration"), "step": meta.get("step")}
-    runs.write_atomic(path / "eval.json", json.dumps(results, indent=2))
-    print(f"wrote {path / 'eval.json'}")
+    print_report(report)
+    shared = {k: v for k, v in report.items() if k != "runs"}
+    for r, (run, ckpt) in zip(report["runs"], targets):
+        runs.write_atomic(run_file(run, ckpt), json.dumps({**shared, **r}, indent=2))
+        say(f"wrote {run_file(run, ckpt)}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+        say(f"wrote {args.json}")
     return 0
 
 

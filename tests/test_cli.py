@@ -69,7 +69,8 @@ def test_evaluate_scores_the_run(full_run):
     assert p.returncode == 0, p.stdout + p.stderr
     ev = json.loads((out / "eval.json").read_text())
     res = json.loads((out / "results.json").read_text())
-    assert ev["latest"]["reward"] == pytest.approx(res["final"]["reward"], abs=1e-5)  # same prompts, same policy
+    assert ev["checkpoint"]["name"] == "latest"
+    assert ev["policy"]["reward"] == pytest.approx(res["final"]["reward"], abs=1e-5)  # same prompts, same policy
     assert ev["sft"]["reward"] == pytest.approx(res["sft"]["reward"], abs=1e-5)
 
 
