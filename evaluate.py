@@ -210,7 +210,7 @@ def means(values: dict[str, list[float]]) -> dict:
     """{name: mean, name_stderr: stderr} for per-prompt values, and n."""
     out = {}
     for k, xs in values.items():
-        out[k], out[k + "_stderr"] = runs.mean_stderr([float(x) for x in xs])
+        out[k], out[k + "_stderr"] = metrics.mean_stderr([float(x) for x in xs])
     out["n"] = len(next(iter(values.values())))
     return out
 
@@ -239,7 +239,7 @@ def score(model, tok, eval_rm, cfg, s, prompts, rows, adapter, refs) -> tuple[di
 def compare(pol: dict, sft: dict, s: dict, judge, rows, prompt_ids, tok) -> dict:
     """Paired comparison with the SFT policy on the same prompts: reward gain, win rates."""
     same = [a == b for a, b in zip(pol["responses"], sft["responses"])]
-    gain, gain_se = runs.mean_stderr([a - b for a, b in zip(pol["reward"], sft["reward"])])
+    gain, gain_se = metrics.mean_stderr([a - b for a, b in zip(pol["reward"], sft["reward"])])
     out = {"reward_gain": gain, "reward_gain_stderr": gain_se, "win_rate": metrics.win_rate(metrics.win_outcomes(
         [a > b for a, b in zip(pol["reward"], sft["reward"])],
         [t or a == b for t, a, b in zip(same, pol["reward"], sft["reward"])]), seed=s["seed"])}

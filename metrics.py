@@ -4,10 +4,17 @@ reward hacking (copying the source, answering in the wrong language, repeating i
 Plain Python on lists of numbers and strings. sacrebleu (for chrF) is optional and imported only when
 chrF is asked for; nothing here touches a model.
 """
+import math
 import random
 import re
 
-from runs import mean_stderr  # the one mean ± stderr of the project
+
+def mean_stderr(xs: list[float]) -> tuple[float, float]:
+    n = len(xs)
+    m = sum(xs) / n
+    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1)) if n > 1 else float("nan")
+    return m, sd / math.sqrt(n)
+
 
 CHRF_PIP = "sacrebleu==2.6.0"
 

@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 
 import zopro
 from models import load_model
+from metrics import mean_stderr
 from tasks import TASKS, DataError
 
 EVAL_RM = "eval_rm"  # adapter holding φ⁽⁰⁾, frozen: the evaluation reward model (and the default judge)
@@ -222,13 +223,6 @@ def held_out_prompts(tok, s: dict, rows, say=print) -> tuple[list, list[list[int
     return list(rows), list(p)
 
 
-def mean_stderr(xs: list[float]) -> tuple[float, float]:
-    n = len(xs)
-    m = sum(xs) / n
-    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1)) if n > 1 else float("nan")
-    return m, sd / math.sqrt(n)
-
-
 # ----------------------------------------------------------------------------------------------------
 # Scoring policies (train.py's reports and evaluate.py)
 
@@ -248,8 +242,7 @@ def score_policy(model, tok, eval_rm, cfg, s, prompts, rows, adapter, seed) -> t
 def compare_policies(model, tok, eval_rm, cfg, s, rows, adapters: dict, run=None, say=print) -> dict:
     """Scores each adapter on the same held-out prompts; the first one is the baseline of the paired
     difference (per-prompt reward of a policy minus the baseline's, mean ± stderr)."""
-    rows, p, _ = fit_rows(tok, rows, s, "test", say)
-    rows, p = zip(*take(list(zip(rows, p)), s["test_prompts"], s["seed"], "test"))
+    rows, p = held_out_prompts(tok, s, rows, say)
     prompts = zopro.pack(p, [[]] * len(p), tok.pad_token_id, s["device"])
     results = {"task": s["task"], "split": TASKS[s["task"]].splits["test"], "method": s["method"],
                "reward_model": "eval_rm: the initial reward model, trained on human labels, fixed for the run"}

@@ -17,7 +17,7 @@ SMALL = ["--task", "wmt", "--preset", "cpu", "--sft-examples", "8", "--rm-exampl
 
 
 def run(script, *args):
-    env = {**os.environ, "ZOPRO_DATA_DIR": str(DATA), "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "ZOPRO_DATA_DIR": str(DATA), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True, text=True,
                           env=env, cwd=ROOT, timeout=600)
 
