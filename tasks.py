@@ -5,9 +5,13 @@ beyond the table: a task is a loader per split, a reward-model kind ("mse" on hu
 preference pairs), a rule for the SFT targets, and CPU/GPU presets.
 """
 import csv
+import gzip
+import hashlib
+import json
 import os
 import tarfile
 import urllib.request
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +22,10 @@ class DataError(RuntimeError):
     pass
 
 
+class DataWarning(UserWarning):
+    """Rows were dropped while reading (counted, with file:line); the rest are usable."""
+
+
 @dataclass
 class Row:
     question: str                   # the request as plain text (shown to judges and in samples)
@@ -26,6 +34,106 @@ class Row:
     score: float | None = None      # human score of `response` (wmt: DA z_mean)
     rejected: str | None = None     # the dispreferred answer of a preference pair
     meta: dict = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Shared by the tasks: finding or fetching the files, a fixed split, counting the rows left out
+
+def find_data(data_dir: str | None, name: str, files: list[str], download, what: str) -> Path:
+    """The folder holding `files` (paths relative to it). --data-dir / $ZOPRO_DATA_DIR may be that folder or
+    any parent along `name` (for "hh-rlhf": DATA/hh-rlhf or DATA); without one, the download cache, where
+    download(folder) fetches the files first if any is missing."""
+    base = data_dir or os.environ.get("ZOPRO_DATA_DIR")
+    if base:
+        parts = Path(name).parts
+        candidates = [Path(base).joinpath(*parts[i:]) for i in range(len(parts) + 1)]
+        for cand in candidates:
+            if all((cand / f).exists() for f in files):
+                return cand
+        raise DataError(f"no {what} files ({', '.join(files)}) in {' or '.join(map(str, candidates))}")
+    cache = cache_dir() / "data" / name
+    if not all((cache / f).exists() for f in files):
+        download(cache)
+    return cache
+
+
+def download_files(dest: Path, urls: dict[str, str], what: str, hint: str) -> None:
+    """Fetches each missing file (path relative to dest -> URL), written atomically so that an interrupted
+    download is fetched again rather than read half-written. Failing, says where to put the files instead."""
+    for rel, url in urls.items():
+        path = dest / rel
+        if path.exists():
+            continue
+        print(f"[data] downloading {url}")
+        try:
+            with urllib.request.urlopen(url, timeout=30) as r:
+                data = r.read()
+        except OSError as e:
+            raise DataError(
+                f"{what} is not on this machine and {url} could not be fetched ({e}). Point --data-dir (or "
+                f"ZOPRO_DATA_DIR) at a folder holding {', '.join(urls)} ({hint}), or put them in {dest}.") from e
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+
+
+SPLIT_SEED = 0  # fixed, not the run seed: every run of a task trains, selects and reports on the same rows
+
+
+def split_of(key: str) -> str:
+    """"train", "dev" or "test" (80/10/10) as a pure function of `key` (sha256; Python's hash() is salted per
+    process), so rows sharing a key land on one side, on every machine, whatever the file order."""
+    u = int.from_bytes(hashlib.sha256(f"{SPLIT_SEED}/{key}".encode("utf-8")).digest()[:8], "big") / 2 ** 64
+    return "train" if u < 0.8 else "dev" if u < 0.9 else "test"
+
+
+def rows_of_split(rows: list[Row], split: str, task: str) -> list[Row]:
+    """The rows whose meta["group"] (a conversation, a post) hashes to `split`."""
+    if split not in ("train", "dev", "test"):
+        raise DataError(f"{task} has splits train, dev, test, not {split!r}")
+    return [r for r in rows if split_of(r.meta["group"]) == split]
+
+
+class Skip(Exception):
+    """A record that is read but not used; the message is the reason, counted by read_jsonl."""
+
+
+def need(ok, reason: str) -> None:
+    if not ok:
+        raise Skip(reason)
+
+
+def read_jsonl(path: Path, label: str, parse, dropped: dict) -> list[Row]:
+    """Rows of a JSON Lines file (gzip if *.gz), one per line that parse(record, where) accepts. A line that is
+    not JSON, or that parse rejects with Skip, is never used: it is listed as "label:line" in dropped[reason]."""
+    rows = []
+    try:
+        with (gzip.open if path.suffix == ".gz" else open)(path, "rt", encoding="utf-8") as f:
+            for n, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                where = f"{label}:{n}"
+                try:
+                    rows.append(parse(json.loads(line), where))
+                except json.JSONDecodeError:
+                    dropped["not JSON"].append(where)
+                except Skip as e:
+                    dropped[str(e)].append(where)
+    except (OSError, EOFError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: cannot be read as UTF-8 JSON Lines ({e})") from e
+    return rows
+
+
+def report_dropped(what: str, kept: int, dropped: dict) -> None:
+    """A DataWarning with each reason's count and first places (file:line); a DataError if no row is left."""
+    if not dropped and kept:
+        return
+    parts = [f"{len(w)} {reason} ({', '.join(w[:5])}{', ...' if len(w) > 5 else ''})" for reason, w in dropped.items()]
+    msg = f"{what}: kept {kept} rows, dropped {sum(map(len, dropped.values()))}: " + "; ".join(parts)
+    if not kept:
+        raise DataError(msg)
+    warnings.warn(msg, DataWarning, stacklevel=3)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -63,18 +171,8 @@ def read_mlqe(path: Path) -> list[Row]:
 
 
 def find_mlqe(data_dir: str | None) -> Path:
-    """The folder holding the MLQE TSVs: --data-dir / $ZOPRO_DATA_DIR (the folder itself or its parent),
-    else the download cache, downloading the public release there if needed."""
-    base = data_dir or os.environ.get("ZOPRO_DATA_DIR")
-    if base:
-        for cand in (Path(base), Path(base) / "wmt20-mlqe-en-de"):
-            if (cand / MLQE_SPLITS["train"]).exists():
-                return cand
-        raise DataError(f"no MLQE en-de files ({MLQE_SPLITS['train']}, ...) in {base} or {base}/wmt20-mlqe-en-de")
-    cache = cache_dir() / "data" / "wmt20-mlqe-en-de"
-    if not (cache / MLQE_SPLITS["test20"]).exists():
-        download_mlqe(cache)
-    return cache
+    """The folder holding the MLQE TSVs (see find_data), downloading the public release if needed."""
+    return find_data(data_dir, "wmt20-mlqe-en-de", list(MLQE_SPLITS.values()), download_mlqe, "MLQE en-de")
 
 
 def download_mlqe(dest: Path) -> None:
