@@ -2,16 +2,19 @@
 
 Every loader returns rows of one shape (`Row`), so train.py and evaluate.py have no task-specific branch
 beyond the table: a task is a loader per split, a reward-model kind ("mse" on human scores or "bt" on
-preference pairs), a rule for the SFT targets, and CPU/GPU presets.
+preference pairs), a rule for the SFT targets, CPU/GPU presets, and a note when its splits are not the
+dataset's official ones (chat and summarize: offline, only held-out files exist, so they are split anew).
 """
 import csv
 import gzip
 import hashlib
 import json
 import os
+import re
 import tarfile
 import urllib.request
 import warnings
+from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -136,6 +139,11 @@ def report_dropped(what: str, kept: int, dropped: dict) -> None:
     warnings.warn(msg, DataWarning, stacklevel=3)
 
 
+def chosen_rows(rows: list[Row], preset: dict) -> list[Row]:
+    """SFT targets of a preference task: every pair's preferred answer (Row.response)."""
+    return rows
+
+
 # ----------------------------------------------------------------------------------------------------
 # WMT20 MLQE en-de (Fomicheva et al. 2020): English source, German MT, direct-assessment z_mean
 
@@ -211,6 +219,130 @@ def wmt_sft_rows(rows: list[Row], quantile: float) -> list[Row]:
 
 
 # ----------------------------------------------------------------------------------------------------
+# chat: Anthropic HH-RLHF (Bai et al. 2022), pairs of "\n\nHuman: …\n\nAssistant: …" transcripts that
+# share a dialogue and end in a preferred (chosen) and a dispreferred (rejected) assistant answer
+
+HH_COMMIT = "354e5c3cb8960630860dd5774a6ac2a58313bf4d"
+HH_FILES = [f"{subset}/test.jsonl.gz" for subset in
+            ("harmless-base", "helpful-base", "helpful-online", "helpful-rejection-sampled")]
+HH_URLS = {f: f"https://github.com/anthropics/hh-rlhf/raw/{HH_COMMIT}/{f}" for f in HH_FILES}
+HH_NOTE = ("chat train/dev/test: an 80/10/10 split, by each conversation's first human turn, of the four "
+           "official HH-RLHF TEST files (8552 pairs); no official train data is used")
+HH_TURN = re.compile(r"\n\n(Human|Assistant):")
+HH_ROLES = {"Human": "user", "Assistant": "assistant"}
+
+
+def hh_messages(transcript: str) -> list[dict] | None:
+    """The chat messages of a transcript; None if text comes before the first turn. Empty turns are dropped
+    and adjacent turns of one role merged (some transcripts hold two Assistant turns in a row, or an empty
+    one), so roles alternate and the last message is all the assistant said after the last human turn."""
+    parts = HH_TURN.split(transcript)
+    if parts[0].strip():
+        return None
+    messages = []
+    for name, text in zip(parts[1::2], parts[2::2]):
+        role, text = HH_ROLES[name], text.strip()
+        if not text:
+            continue
+        if messages and messages[-1]["role"] == role:
+            messages[-1]["content"] += "\n\n" + text
+        else:
+            messages.append({"role": role, "content": text})
+    return messages
+
+
+def hh_text(messages: list[dict]) -> str:
+    """The dialogue as readable text, for judges and samples."""
+    return "\n\n".join(f"{'Human' if m['role'] == 'user' else 'Assistant'}: {m['content']}" for m in messages)
+
+
+def hh_row(rec, where: str) -> Row:
+    """prompt = the dialogue before the final assistant answer, shared by both transcripts; response and
+    rejected = the two final answers. A pair whose dialogues differ before the final answer is dropped and
+    counted, not split at the longest common prefix: that prefix can end inside a turn, and the "answers"
+    after it would hold human turns. (Once adjacent assistant turns are merged, none of the 8552 official
+    test pairs differ there; the 17 that differ in the raw text all hold two assistant turns in a row.)"""
+    need(isinstance(rec, dict) and isinstance(rec.get("chosen"), str) and isinstance(rec.get("rejected"), str),
+         "no chosen/rejected transcript")
+    a, b = hh_messages(rec["chosen"]), hh_messages(rec["rejected"])
+    need(a and b and a[-1]["role"] == "assistant" == b[-1]["role"], "no final assistant answer")
+    need(len(a) > 1, "no human turn before the final answer")
+    need(a[:-1] == b[:-1], "dialogues differ before the final answer")
+    need(a[-1] != b[-1], "same final answer")  # chosen == rejected among them: no preference to learn
+    # group: rows of one conversation (later turns, re-sampled answers) share its first human turn
+    return Row(hh_text(a[:-1]), a[:-1], a[-1]["content"], rejected=b[-1]["content"],
+               meta={"source": where, "group": a[0]["content"]})
+
+
+def load_chat(split: str, data_dir: str | None) -> list[Row]:
+    """HH-RLHF pairs of `split`. Offline only the official test files exist, so train/dev/test are an
+    80/10/10 split of those (HH_NOTE); the download fetches the same four files, so the split is the same
+    wherever the data came from."""
+    folder = find_data(data_dir, "hh-rlhf", HH_FILES,
+                       lambda dest: download_files(dest, HH_URLS, "HH-RLHF", "github.com/anthropics/hh-rlhf"),
+                       "HH-RLHF test")
+    dropped, rows = defaultdict(list), []
+    for f in HH_FILES:
+        rows += read_jsonl(folder / f, f, hh_row, dropped)
+    report_dropped(f"chat (HH-RLHF, {folder})", len(rows), dropped)
+    return rows_of_split(rows, split, "chat")
+
+
+# ----------------------------------------------------------------------------------------------------
+# summarize: OpenAI "Learning to summarize from human feedback" (Stiennon et al. 2020), TL;DR comparisons:
+# a Reddit post, two summaries and the index of the one a labeller preferred
+
+TLDR_FILES = ["batch13.json", "batch18.json"]
+TLDR_URLS = {f: f"https://openaipublic.blob.core.windows.net/summarize-from-feedback/dataset/comparisons/{f}"
+             for f in TLDR_FILES}
+TLDR_NOTE = ("summarize train/dev/test: an 80/10/10 split, by post id, of comparison batches 13 and 18 "
+             "(1771 comparisons), all from the paper's VALIDATION splits (valid1/valid2); no official train "
+             "comparisons are used")
+
+
+def tldr_question(info: dict) -> str:
+    """The request: an instruction, then the post laid out as the paper's policies saw it (SUBREDDIT, TITLE,
+    POST); a news row (CNN/DM) carries an article instead of a post."""
+    if info.get("post"):
+        return ("Write a TL;DR of this Reddit post: a summary in a sentence or two.\n\n"
+                f"SUBREDDIT: r/{info.get('subreddit', '')}\nTITLE: {info.get('title', '')}\nPOST: {info['post'].strip()}")
+    head = "".join(f"{k.upper()}: {info[k]}\n" for k in ("site", "title") if info.get(k))
+    return f"Write a TL;DR of this news article: a summary in a sentence or two.\n\n{head}ARTICLE: {info['article'].strip()}"
+
+
+def tldr_row(rec, where: str) -> Row:
+    """One comparison; summary texts are stripped (they begin with the space that followed "TL;DR:")."""
+    info = rec.get("info") if isinstance(rec, dict) else None
+    need(isinstance(info, dict), "no info")
+    body = info.get("post") or info.get("article")
+    need(isinstance(body, str) and body.strip(), "no post or article")
+    need(isinstance(info.get("id"), str) and info["id"], "no post id")
+    summaries, choice = rec.get("summaries"), rec.get("choice")
+    need(isinstance(summaries, list) and len(summaries) == 2, "not exactly two summaries")
+    need(type(choice) is int and choice in (0, 1), "choice not 0 or 1")
+    texts = [s["text"].strip() if isinstance(s, dict) and isinstance(s.get("text"), str) else "" for s in summaries]
+    need(all(texts), "empty summary")
+    need(texts[0] != texts[1], "same summary twice")
+    q = tldr_question(info)
+    return Row(q, [{"role": "user", "content": q}], texts[choice], rejected=texts[1 - choice],
+               meta={"source": where, "group": info["id"], "upstream_split": rec.get("split")})
+
+
+def load_summarize(split: str, data_dir: str | None) -> list[Row]:
+    """TL;DR comparisons of `split`: an 80/10/10 split by post id (all comparisons of a post on one side) of
+    the two batches available offline (TLDR_NOTE); the download fetches the same two batches."""
+    folder = find_data(data_dir, "summarize-from-feedback/comparisons", TLDR_FILES,
+                       lambda dest: download_files(dest, TLDR_URLS, "summarize-from-feedback",
+                                                   "github.com/openai/summarize-from-feedback, dataset/comparisons"),
+                       "summarize-from-feedback comparison")
+    dropped, rows = defaultdict(list), []
+    for f in TLDR_FILES:
+        rows += read_jsonl(folder / f, f, tldr_row, dropped)
+    report_dropped(f"summarize (TL;DR comparisons, {folder})", len(rows), dropped)
+    return rows_of_split(rows, split, "summarize")
+
+
+# ----------------------------------------------------------------------------------------------------
 # The table
 
 @dataclass
@@ -221,6 +353,7 @@ class Task:
     reward: str             # "mse" (human scalar scores) or "bt" (preference pairs)
     sft_rows: object        # (train rows, preset) -> rows whose `response` is an SFT target
     presets: dict           # "cpu" / "gpu" -> settings that override zopro.Config and train.py defaults
+    note: str = ""          # where the splits come from, when they are not the dataset's official ones
 
 
 COMMON_CPU = dict(  # sized so that `python train.py --task wmt` ends in about 30 minutes on 2 cores
@@ -239,5 +372,38 @@ TASKS = {
         name="wmt", load=load_wmt, splits={"train": "train", "dev": "dev", "test": "test20"}, reward="mse",
         sft_rows=lambda rows, preset: wmt_sft_rows(rows, preset["sft_quantile"]),
         presets={"cpu": dict(COMMON_CPU, sft_quantile=0.7), "gpu": dict(COMMON_GPU, sft_quantile=0.7)},
+    ),
+    # The preference tasks' prompts are 3-6x longer than wmt's (SmolLM2 template included, median: chat 139
+    # tokens over 1-19 turns, summarize 383), and a forward pass costs about B·(P_max + T) tokens at ~600
+    # tokens/s on 2 cores; a Bradley–Terry pair is two sequences. So their CPU presets keep every stage but
+    # cut the counts to about a third of COMMON_CPU's: 4 prompts a step (8 rollouts), 8 dev and 32 test
+    # prompts. A cost model calibrated on a wmt CPU run (its SFT stage and first policy step) puts both at
+    # 27-29 min: chat ~27 s a step, summarize ~40 s. max_new_tokens stays 48: it also bounds the answers of
+    # the SFT/RM pairs (runs.fit_rows), and 97% of TL;DR pairs fit it.
+    "chat": Task(
+        name="chat", load=load_chat, splits={"train": "train", "dev": "dev", "test": "test"}, reward="bt",
+        sft_rows=chosen_rows, note=HH_NOTE,
+        presets={
+            # 256 prompt tokens keep 76% of the dialogues (192 would keep 64%, mostly dropping multi-turn
+            # ones); with both answers <= 48 tokens 27% of the pairs remain (1865 train), plenty for 192.
+            "cpu": dict(COMMON_CPU, max_prompt_len=256, max_new_tokens=48, sft_examples=128, rm_examples=192,
+                        rm_dev_examples=48, iterations=3, steps_per_iteration=8, prompts_per_step=4,
+                        refine_prompts=16, dev_prompts=8, test_prompts=32),
+            "gpu": dict(COMMON_GPU),
+        },
+    ),
+    "summarize": Task(
+        name="summarize", load=load_summarize, splits={"train": "train", "dev": "dev", "test": "test"}, reward="bt",
+        sft_rows=chosen_rows, note=TLDR_NOTE,
+        presets={
+            # Posts are long: 256 prompt tokens would keep 7% of them, 384 keeps half (train 701, dev 75,
+            # test 80 comparisons); each sequence then costs ~2x a chat one, hence fewer steps and RM pairs.
+            "cpu": dict(COMMON_CPU, max_prompt_len=384, max_new_tokens=48, sft_examples=64, rm_examples=64,
+                        rm_dev_examples=32, iterations=3, steps_per_iteration=6, prompts_per_step=4,
+                        refine_prompts=8, dev_prompts=8, test_prompts=32),
+            # every post fits 971 tokens; ~1400 train comparisons: 44 steps of 32 prompts is one pass an
+            # iteration (the paper's iterations are passes over the train set), not 2+ passes
+            "gpu": dict(COMMON_GPU, steps_per_iteration=44),
+        },
     ),
 }
