@@ -15,7 +15,7 @@ greedy responses, through zopro.evaluate_policy as in training:
              responses) count ½; with --llm-judge also a causal LM's verdict (zopro.LLMJudge)
   KL         KL(π‖π_ref) from one response per prompt sampled at the training temperature
   length, empty (no text), at limit (no EOS before max_new_tokens)
-  task checks (metrics.TASK_CHECKS): wmt: copies the source, not German; chat, summarize: repetition
+  task checks (the task table's `checks`): wmt: copies the source, not German; chat, summarize: repetition
   chrF       wmt: against the human post-edits (MLQE-PE v2) of the same sources, with the original MT's own
              chrF as a yardstick (post-edits favour outputs close to that MT)
 Each value comes with its stderr or a 95% bootstrap interval, and n. Writes RUN/eval.json (eval-CKPT.json for
@@ -24,10 +24,7 @@ a checkpoint other than latest) for each run, and --json PATH for all of them.
 import argparse
 import hashlib
 import json
-import os
 import sys
-import tarfile
-import urllib.request
 from pathlib import Path
 
 import metrics
@@ -36,18 +33,12 @@ import runs
 import train
 import zopro
 from metrics import MissingDependency
-from models import ModelError, cache_dir
+from models import ModelError
 from runs import RunError
 from tasks import DataError, TASKS
 
 # A run can be compared with another only if the adapters of one fit the model of the other.
 SAME_MODEL = ("model", "lora_r", "lora_alpha", "lora_targets")
-
-# MLQE-PE (Fomicheva et al. 2020), tag v2.0.0: post-edits that keep the case, row i = MLQE row i.
-PE_COMMIT = "db898c02326547a6d046fa7ab370b7d87df4ea45"
-PE_TARBALLS = {"train": "train/en-de-train.tar.gz", "dev": "dev/en-de-dev.tar.gz", "test20": "test/en-de-test.tar.gz"}
-PE_URL = "https://github.com/sheffieldnlp/mlqe-pe/raw/{commit}/data/post-editing/{tarball}"
-
 
 def say(msg: str) -> None:
     print(msg, flush=True)
@@ -142,62 +133,15 @@ def load_policy(model, eval_rm, run: Path, checkpoint: str, rm_file: Path, devic
 # ----------------------------------------------------------------------------------------------------
 # References for chrF (wmt: human post-edits of the MLQE MT)
 
-def find_post_edits(s: dict, split: str) -> Path:
-    """The folder holding MLQE-PE v2's SPLIT.pe and SPLIT.src: under --data-dir / $ZOPRO_DATA_DIR (DATA,
-    DATA/v2, DATA/wmt20-mlqe-en-de-pe/v2, or beside an MLQE folder given as DATA), else the download cache,
-    fetched there from github.com/sheffieldnlp/mlqe-pe if missing."""
-    names = [f"{split}.pe", f"{split}.src"]
-    base = s.get("data_dir") or os.environ.get("ZOPRO_DATA_DIR")
-    b = Path(base) if base else None
-    places = [b / "wmt20-mlqe-en-de-pe" / "v2", b / "v2", b, b.parent / "wmt20-mlqe-en-de-pe" / "v2"] if b else []
-    cache = cache_dir() / "data" / "wmt20-mlqe-en-de-pe" / "v2"
-    for folder in places + [cache]:
-        if all((folder / n).exists() for n in names):
-            return folder
-    url = PE_URL.format(commit=PE_COMMIT, tarball=PE_TARBALLS[split])
-    say(f"[data] downloading {url}")
-    try:
-        with urllib.request.urlopen(url, timeout=30) as r:
-            cache.mkdir(parents=True, exist_ok=True)
-            (cache / "pe.tar.gz.tmp").write_bytes(r.read())
-        with tarfile.open(cache / "pe.tar.gz.tmp") as tf:
-            for n in names:
-                member = next(m for m in tf.getmembers() if m.name.endswith("/" + n))
-                (cache / (n + ".tmp")).write_bytes(tf.extractfile(member).read())
-                os.replace(cache / (n + ".tmp"), cache / n)  # atomic: never a half-written reference file
-        (cache / "pe.tar.gz.tmp").unlink()
-    except (OSError, tarfile.TarError, StopIteration) as e:
-        raise DataError(f"no MLQE-PE post-edits ({', '.join(names)}) in {', '.join(map(str, places + [cache]))}, "
-                        f"and {url} could not be fetched ({e}). Put wmt20-mlqe-en-de-pe/v2/ next to the MLQE "
-                        "folder.") from e
-    return cache
-
-
-def wmt_post_edits(s: dict, rows) -> list[str]:
-    """The v2 post-edit of each row's MT (line meta["index"]); the .src line must be the row's source, up to
-    whitespace (the files are tokenized), or the files are not aligned with MLQE."""
-    split = TASKS["wmt"].splits["test"]
-    folder = find_post_edits(s, split)
-    pe, src = ((folder / f"{split}.{x}").read_text(encoding="utf-8").splitlines() for x in ("pe", "src"))
-    squash = lambda text: "".join(text.split())  # noqa: E731
-    bad = [r.meta["index"] for r in rows
-           if r.meta["index"] >= len(src) or squash(src[r.meta["index"]]) != squash(r.meta["source"])]
-    if bad or len(pe) != len(src):
-        raise DataError(f"{folder}: {split}.pe/.src are not aligned with MLQE {split} (rows {bad[:5]}, "
-                        f"{len(pe)} vs {len(src)} lines)")
-    return [pe[r.meta["index"]] for r in rows]
-
-
-REFERENCES = {"wmt": wmt_post_edits}  # task -> (settings, rows) -> one reference per row
-
-
 def references(s: dict, rows) -> list[str] | None:
-    """References for chrF, or None (with the reason printed) if the task has none or they are unavailable."""
-    if s["task"] not in REFERENCES:
+    """References for chrF (the task table's `references`, e.g. wmt's human post-edits), or None, with the
+    reason printed, if the task has none or they are unavailable."""
+    task = TASKS[s["task"]]
+    if task.references is None:
         return None
     try:
         metrics.require("sacrebleu", metrics.CHRF_PIP)
-        return REFERENCES[s["task"]](s, rows)
+        return task.references(rows, s.get("data_dir"))
     except (MissingDependency, DataError) as e:
         say(f"[chrF] skipped: {e}")
         return None
@@ -217,7 +161,7 @@ def means(values: dict[str, list[float]]) -> dict:
 
 def text_metrics(texts: list[str], rows, task: str, refs: list[str] | None) -> dict:
     """Task checks (per prompt, averaged) and chrF: what can be said of responses as text alone."""
-    check = metrics.TASK_CHECKS.get(task)
+    check = TASKS[task].checks
     per = [check(r, t) for r, t in zip(rows, texts)] if check else []
     out = means({k: [p[k] for p in per] for k in per[0]}) if per else {}
     if refs is not None:
@@ -283,7 +227,7 @@ def evaluate(args, targets, configs) -> dict:
     refs = references(s, rows)
     judge = train.make_judge(dict(s, judge="llm"), model, tok, eval_rm, say) if args.llm_judge else None
     report = {**header(s, configs, len(rows), rm_override), "runs": []}
-    if refs is not None or s["task"] in metrics.TASK_CHECKS:
+    if refs is not None or TASKS[s["task"]].checks is not None:
         report["dataset_responses"] = text_metrics([r.response for r in rows], rows, s["task"], refs)
     sft_cache = {}  # (sft adapter, reward model) file digests -> scored SFT policy: runs often share both
     for (run, ckpt), c in zip(targets, configs):

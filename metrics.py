@@ -137,5 +137,3 @@ def wmt_checks(row, output: str) -> dict:
 def text_checks(row, output: str) -> dict:
     return {"repetition": repetition(output)}
 
-
-TASK_CHECKS = {"wmt": wmt_checks, "chat": text_checks, "summarize": text_checks}  # task name -> check

@@ -190,22 +190,29 @@ def load_split(s: dict, role: str):
     return rows
 
 
-def fit_rows(tok, rows, s: dict, role: str, log=print, need_response: bool = False):
-    """Keeps rows whose prompt (and response, if needed) fit max_prompt_len / max_new_tokens."""
-    kept, prompts, responses = [], [], []
+def fit_rows(tok, rows, s: dict, role: str, log=print, answers: str = "none"):
+    """Rows whose prompt fits max_prompt_len and whose answers fit max_new_tokens, encoded.
+    answers: "none" (prompts only, each distinct prompt once), "response" (SFT targets) or "both" (the
+    reward model's data: the response, and the rejected answer of a pair). Returns (rows, prompts, answers)
+    with answers [] / response ids / (chosen ids, rejected ids) per row."""
+    kept, prompts, encoded, seen = [], [], [], set()
     for r in rows:
+        if answers == "none" and r.question in seen:  # several pairs of one post: score its prompt once
+            continue
+        seen.add(r.question)
         p = encode_prompt(tok, r.messages)
-        resp = encode_response(tok, r.response) if need_response else []
-        rej = encode_response(tok, r.rejected) if need_response and r.rejected is not None else []
-        if len(p) <= s["max_prompt_len"] and max(len(resp), len(rej)) <= s["max_new_tokens"]:
-            kept.append(r), prompts.append(p), responses.append((resp, rej) if r.rejected is not None else resp)
-    dropped = len(rows) - len(kept)
+        resp = encode_response(tok, r.response) if answers != "none" else []
+        rej = encode_response(tok, r.rejected) if answers == "both" and r.rejected is not None else None
+        if len(p) <= s["max_prompt_len"] and max(len(resp), len(rej or [])) <= s["max_new_tokens"]:
+            kept.append(r), prompts.append(p), encoded.append(resp if rej is None else (resp, rej))
+    dropped = len(seen) - len(kept) if answers == "none" else len(rows) - len(kept)
     if dropped:
-        log(f"[data] {role}: dropped {dropped} of {len(rows)} rows longer than max_prompt_len="
-            f"{s['max_prompt_len']}" + (f" / max_new_tokens={s['max_new_tokens']}" if need_response else ""))
+        log(f"[data] {role}: dropped {dropped} of {len(kept) + dropped} rows longer than max_prompt_len="
+            f"{s['max_prompt_len']}" + (f" / max_new_tokens={s['max_new_tokens']}" if answers != "none" else ""))
     if not kept:
-        raise DataError(f"{role}: no row fits max_prompt_len={s['max_prompt_len']}; raise --max-prompt-len")
-    return kept, prompts, responses
+        raise DataError(f"{role}: no row fits max_prompt_len={s['max_prompt_len']} / max_new_tokens="
+                        f"{s['max_new_tokens']}; raise them")
+    return kept, prompts, encoded
 
 
 def take(items: list, n: int, seed: int, stream: str) -> list:
@@ -244,7 +251,8 @@ def compare_policies(model, tok, eval_rm, cfg, s, rows, adapters: dict, run=None
     difference (per-prompt reward of a policy minus the baseline's, mean ± stderr)."""
     rows, p = held_out_prompts(tok, s, rows, say)
     prompts = zopro.pack(p, [[]] * len(p), tok.pad_token_id, s["device"])
-    results = {"task": s["task"], "split": TASKS[s["task"]].splits["test"], "method": s["method"],
+    results = {"task": s["task"], "split": TASKS[s["task"]].splits["test"], "note": TASKS[s["task"]].note,
+               "method": s["method"],
                "reward_model": "eval_rm: the initial reward model, trained on human labels, fixed for the run"}
     per_prompt = {}
     for name, adapter in adapters.items():
@@ -258,7 +266,8 @@ def compare_policies(model, tok, eval_rm, cfg, s, rows, adapters: dict, run=None
         for x in samples:
             if run is not None:
                 run.append("samples.jsonl", {"iteration": "test-" + name, **x})
-    say(f"[test] {results['split']}, n={len(rows)} prompts, greedy, scored by the evaluation reward model:")
+    say(f"[test] {results['split']}, n={len(rows)} prompts, greedy, scored by the evaluation reward model:"
+        + (f"\n  ({results['note']})" if results["note"] else ""))
     say("  policy     reward ± stderr     gain over first ± stderr   KL to SFT   length")
     for name in adapters:
         r = results[name]

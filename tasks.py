@@ -18,6 +18,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import metrics
 from models import cache_dir
 
 
@@ -209,7 +210,53 @@ def download_mlqe(dest: Path) -> None:
 def load_wmt(split: str, data_dir: str | None) -> list[Row]:
     if split not in MLQE_SPLITS:
         raise DataError(f"wmt has splits {list(MLQE_SPLITS)}, not {split!r}")
-    return read_mlqe(find_mlqe(data_dir) / MLQE_SPLITS[split])
+    rows = read_mlqe(find_mlqe(data_dir) / MLQE_SPLITS[split])
+    for r in rows:
+        r.meta["split"] = split
+    return rows
+
+
+# MLQE-PE (Fomicheva et al. 2020), tag v2.0.0: human post-edits of the MLQE MT that keep the case; line i of
+# SPLIT.pe edits row i of the MLQE split. They serve as chrF references (evaluate.py), never for training.
+PE_COMMIT = "db898c02326547a6d046fa7ab370b7d87df4ea45"
+PE_TARBALLS = {"train": "train/en-de-train.tar.gz", "dev": "dev/en-de-dev.tar.gz", "test20": "test/en-de-test.tar.gz"}
+PE_URL = "https://github.com/sheffieldnlp/mlqe-pe/raw/{commit}/data/post-editing/{tarball}"
+
+
+def download_post_edits(dest: Path, split: str) -> None:
+    url = PE_URL.format(commit=PE_COMMIT, tarball=PE_TARBALLS[split])
+    print(f"[data] downloading {url}")
+    try:
+        with urllib.request.urlopen(url, timeout=30) as r:
+            data = r.read()
+        dest.mkdir(parents=True, exist_ok=True)
+        (dest / "pe.tar.gz.tmp").write_bytes(data)
+        with tarfile.open(dest / "pe.tar.gz.tmp") as tf:
+            for ext in ("pe", "src"):
+                member = next(m for m in tf.getmembers() if m.name.endswith(f"/{split}.{ext}"))
+                (dest / f"{split}.{ext}.tmp").write_bytes(tf.extractfile(member).read())
+                os.replace(dest / f"{split}.{ext}.tmp", dest / f"{split}.{ext}")  # never half-written
+        (dest / "pe.tar.gz.tmp").unlink()
+    except (OSError, tarfile.TarError, StopIteration) as e:
+        raise DataError(f"no MLQE-PE post-edits on this machine, and {url} could not be fetched ({e}). Put "
+                        "wmt20-mlqe-en-de-pe/v2/ (from github.com/sheffieldnlp/mlqe-pe) next to the MLQE folder.") from e
+
+
+def wmt_references(rows: list[Row], data_dir: str | None) -> list[str]:
+    """The v2 post-edit of each row's MT. The .src line must be the row's source up to whitespace (the files
+    are Moses-tokenized), or the files are not aligned with MLQE."""
+    split = rows[0].meta["split"]
+    files = [f"{split}.pe", f"{split}.src"]
+    folder = find_data(data_dir, "wmt20-mlqe-en-de-pe/v2", files, lambda d: download_post_edits(d, split),
+                       "MLQE-PE post-edit")
+    pe, src = ((folder / f).read_text(encoding="utf-8").splitlines() for f in files)
+    squash = lambda text: "".join(text.split())  # noqa: E731
+    bad = [r.meta["index"] for r in rows
+           if r.meta["index"] >= len(src) or squash(src[r.meta["index"]]) != squash(r.meta["source"])]
+    if bad or len(pe) != len(src):
+        raise DataError(f"{folder}: {split}.pe/.src are not aligned with MLQE {split} (rows {bad[:5]}, "
+                        f"{len(pe)} vs {len(src)} lines)")
+    return [pe[r.meta["index"]] for r in rows]
 
 
 def wmt_sft_rows(rows: list[Row], quantile: float) -> list[Row]:
@@ -354,6 +401,8 @@ class Task:
     sft_rows: object        # (train rows, preset) -> rows whose `response` is an SFT target
     presets: dict           # "cpu" / "gpu" -> settings that override zopro.Config and train.py defaults
     note: str = ""          # where the splits come from, when they are not the dataset's official ones
+    checks: object = None   # (row, response text) -> {name: value}: sanity checks that expose reward hacking
+    references: object = None  # (rows, data_dir) -> one reference text per row, for chrF
 
 
 COMMON_CPU = dict(  # sized so that `python train.py --task wmt` ends in about 30 minutes on 2 cores
@@ -372,6 +421,7 @@ TASKS = {
         name="wmt", load=load_wmt, splits={"train": "train", "dev": "dev", "test": "test20"}, reward="mse",
         sft_rows=lambda rows, preset: wmt_sft_rows(rows, preset["sft_quantile"]),
         presets={"cpu": dict(COMMON_CPU, sft_quantile=0.7), "gpu": dict(COMMON_GPU, sft_quantile=0.7)},
+        checks=metrics.wmt_checks, references=wmt_references,
     ),
     # The preference tasks' prompts are 3-6x longer than wmt's (SmolLM2 template included, median: chat 139
     # tokens over 1-19 turns, summarize 383), and a forward pass costs about B·(P_max + T) tokens at ~600
@@ -382,7 +432,7 @@ TASKS = {
     # the SFT/RM pairs (runs.fit_rows), and 97% of TL;DR pairs fit it.
     "chat": Task(
         name="chat", load=load_chat, splits={"train": "train", "dev": "dev", "test": "test"}, reward="bt",
-        sft_rows=chosen_rows, note=HH_NOTE,
+        sft_rows=chosen_rows, note=HH_NOTE, checks=metrics.text_checks,
         presets={
             # 256 prompt tokens keep 76% of the dialogues (192 would keep 64%, mostly dropping multi-turn
             # ones); with both answers <= 48 tokens 27% of the pairs remain (1865 train), plenty for 192.
@@ -394,7 +444,7 @@ TASKS = {
     ),
     "summarize": Task(
         name="summarize", load=load_summarize, splits={"train": "train", "dev": "dev", "test": "test"}, reward="bt",
-        sft_rows=chosen_rows, note=TLDR_NOTE,
+        sft_rows=chosen_rows, note=TLDR_NOTE, checks=metrics.text_checks,
         presets={
             # Posts are long: 256 prompt tokens would keep 7% of them, 384 keeps half (train 701, dev 75,
             # test 80 comparisons); each sequence then costs ~2x a chat one, hence fewer steps and RM pairs.

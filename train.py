@@ -11,6 +11,7 @@ import dataclasses
 import json
 import sys
 import time
+import warnings
 
 import torch
 from tqdm import tqdm
@@ -19,7 +20,7 @@ import runs
 import zopro
 from models import DEFAULT_MODEL, ModelError
 from runs import EVAL_RM, RunDir, RunError
-from tasks import TASKS, DataError
+from tasks import TASKS, DataError, DataWarning
 
 DEFAULTS = dict(  # settings that are not zopro.Config fields
     task="wmt", out=None, data_dir=None, device="auto", preset="auto", dtype="auto", model=DEFAULT_MODEL,
@@ -159,9 +160,8 @@ def stage_sft(run, model, tok, s, train_rows, say) -> None:
         say(f"[sft] loaded {path}")
     else:
         rows = TASKS[s["task"]].sft_rows(train_rows, s)
-        _, prompts, responses = runs.fit_rows(tok, rows, s, "sft", say, need_response=True)
-        pairs = runs.take(list(zip(prompts, [r if isinstance(r, list) else r[0] for r in responses])),
-                          s["sft_examples"], s["seed"], "sft")
+        _, prompts, responses = runs.fit_rows(tok, rows, s, "sft", say, answers="response")
+        pairs = runs.take(list(zip(prompts, responses)), s["sft_examples"], s["seed"], "sft")
         total = -(-len(pairs) // s["sft_batch"]) * s["sft_epochs"]
         bar = tqdm(total=total, desc="sft", unit="batch", dynamic_ncols=True)
 
@@ -212,7 +212,7 @@ def reward_report(model, tok, rm, s, items) -> dict:
 
 
 def reward_items(tok, rows, s, role, n, say):
-    kept, prompts, responses = runs.fit_rows(tok, rows, s, role, say, need_response=True)
+    kept, prompts, responses = runs.fit_rows(tok, rows, s, role, say, answers="both")
     items = [(p, r, row.score) for row, p, r in zip(kept, prompts, responses)]
     return runs.take(items, n, s["seed"], f"rm-{role}")
 
@@ -278,9 +278,13 @@ def main(argv=None) -> int:
            if s["preset"] == "cpu" else ""))
     try:
         model, tok, rm, eval_rm = runs.build_model(s, say)
-        train_rows = runs.load_split(s, "train")
-        dev_rows = runs.load_split(s, "dev")
-        test_rows = runs.load_split(s, "test")
+        with warnings.catch_warnings(record=True) as dropped:  # rows a loader left out, counted: to the log
+            warnings.simplefilter("always", DataWarning)
+            train_rows, dev_rows, test_rows = (runs.load_split(s, role) for role in ("train", "dev", "test"))
+        for w in dropped:
+            say(f"[data] {w.message}")
+        if TASKS[s["task"]].note:
+            say(f"[data] {TASKS[s['task']].note}")
         stage_sft(run, model, tok, s, train_rows, say)
         stage_reward0(run, model, tok, rm, eval_rm, s, train_rows, dev_rows, say)
         results = policy_stage(run, model, tok, rm, eval_rm, s, train_rows, dev_rows, test_rows, say)

@@ -16,6 +16,7 @@ import metrics
 import runs
 import zopro
 from conftest import DATA, ROOT, tiny_llama, with_adapters
+import tasks
 from tasks import load_wmt
 
 PE = DATA / "wmt20-mlqe-en-de-pe" / "v2"
@@ -273,9 +274,12 @@ def test_chrf_is_skipped_with_a_clear_message(two_runs, tmp_path, monkeypatch, c
     def offline(*args, **kwargs):
         raise OSError("network unreachable")
 
-    monkeypatch.setattr(evaluate.urllib.request, "urlopen", offline)
+    monkeypatch.setattr(tasks.urllib.request, "urlopen", offline)
     monkeypatch.setenv("ZOPRO_CACHE", str(tmp_path / "cache"))
     (tmp_path / "data").mkdir()
     assert evaluate.references(dict(s, data_dir=str(tmp_path / "data")), rows) is None
+    assert "skipped: no MLQE-PE post-edit files (test20.pe, test20.src)" in capsys.readouterr().out
+    monkeypatch.delenv("ZOPRO_DATA_DIR", raising=False)                # no data folder: the download is tried
+    assert evaluate.references(dict(s, data_dir=None), rows) is None
     msg = capsys.readouterr().out
     assert "skipped" in msg and "sheffieldnlp/mlqe-pe" in msg and "could not be fetched" in msg

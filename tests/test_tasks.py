@@ -267,7 +267,7 @@ def test_reward_loss_on_real_pairs_is_minus_log_sigmoid_of_the_margin(task, requ
     rows = request.getfixturevalue(task)[0]["train"]
     shortest = sorted(rows, key=lambda r: len(r.question) + len(r.response) + len(r.rejected))[:2]
     s = {"device": "cpu", "max_prompt_len": 2000, "max_new_tokens": 1000}
-    _, prompts, responses = runs.fit_rows(tok, shortest, s, "bt", need_response=True)
+    _, prompts, responses = runs.fit_rows(tok, shortest, s, "bt", answers="both")
     chosen, rejected = train.reward_batch(tok, s, [(p, r, None) for p, r in zip(prompts, responses)])
     loss = zopro.reward_loss(model, rm, (chosen, rejected)).item()
 
