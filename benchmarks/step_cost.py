@@ -15,15 +15,17 @@ checks that our implementation is close to that limit:
 
 How it measures. The parent picks the prompts once and starts one child process per case (this script
 with --case), so that one case's peak memory is never another's leftovers: on GPU
-torch.cuda.max_memory_allocated, on CPU the child's peak resident memory (VmHWM, reset once the model is
-loaded; the increase over the RSS after loading is reported too). The children live side by side and run
-their steps one at a time, round-robin, so a change in the machine's load falls on every case alike; time
-ratios are medians over rounds of the ratio within a round. Every step starts from the same θ with the same
-rollout seed, so every step of every case sees the same batch (the fingerprint row checks it). Phases come
-from the library's own timers (Batch.seconds: generate, reference, reward, forward_pm, update,
-backward_update) and from wrapping zopro.perturb where spsa_grad calls it: forward passes = forward_pm −
-perturb. Nothing of the algorithm is copied here. On a shared CPU, absolute times carry the other jobs'
-load (the load average is printed); --threads 1 makes them steadier.
+torch.cuda.max_memory_allocated; on CPU the child's peak resident memory (VmHWM), reset once the model is
+loaded and its weights paged in, with the increase over that RSS reported too (glibc keeps some freed
+memory: MALLOC_MMAP_THRESHOLD_=131072 in the environment makes the RSS follow live memory more closely).
+The children live side by side and run their steps one at a time, round-robin, so a change in the
+machine's load falls on every case alike; time ratios are medians over rounds of the ratio within a round.
+Every step starts from the same θ with the same rollout seed, so every step of every case sees the same
+batch (the fingerprint row checks it). Phases come from the library's own timers (Batch.seconds:
+generate, reference, reward, forward_pm, update, backward_update) and from wrapping zopro.perturb where
+spsa_grad calls it: forward passes = forward_pm − perturb. Nothing of the algorithm is copied here. On a
+shared CPU, absolute times carry the other jobs' load (the load average is printed); --threads 1 makes
+them steadier.
 """
 import argparse
 import gc
@@ -154,7 +156,7 @@ def instrument(sync):
     keeps the batch that make_batch returns. With CUDA, the wrappers and the library's timers synchronise,
     so that asynchronous kernels are charged to the phase that launched them."""
     probe = {"perturb": 0.0, "batch": None}
-    saved = {n: getattr(zopro, n) for n in ("perturb", "spsa_update", "make_batch", "_timed")}
+    saved = {n: getattr(zopro, n) for n in ("perturb", "spsa_update", "make_batch", "_timed") if hasattr(zopro, n)}
 
     def synced(fn, key=None):
         def wrapper(*a, **kw):
@@ -174,7 +176,8 @@ def instrument(sync):
     zopro.perturb = synced(saved["perturb"], "perturb")
     zopro.spsa_update = synced(saved["spsa_update"])
     zopro.make_batch = keep_batch
-    zopro._timed = lambda seconds, key, fn: saved["_timed"](seconds, key, synced(fn))
+    if "_timed" in saved:  # make_batch's phase timer (a private helper: skipped if it is renamed)
+        zopro._timed = lambda seconds, key, fn: saved["_timed"](seconds, key, synced(fn))
     try:
         yield probe
     finally:
@@ -207,6 +210,9 @@ class Case:
         self.prompts = zopro.pack(ids, [[]] * len(ids), self.tok.pad_token_id, self.dev)
         self.params = zopro.adapter_params(self.model, zopro.POLICY)
         self.theta0 = zopro.adapter_state(self.model, zopro.POLICY)
+        with torch.no_grad():  # from_pretrained maps the safetensors file: page the weights in before the baseline
+            for t in [*self.model.parameters(), *self.model.buffers()]:
+                t.sum()
         self.after_load = self.mem.now()
         self.mem.reset()  # from here on, everything the step type needs counts
 
@@ -214,7 +220,8 @@ class Case:
         self.sampler = self.optimizer = None
         if case in ("zopro", "mezo"):
             mu, v = random_deltas(self.params, s["seed"])
-            self.state.prev_update, self.state.reward_delta = mu, v  # held for the iteration, as in training
+            # State holds μ and v through every zeroth-order iteration, whatever the sampler (end_iteration)
+            self.state.prev_update, self.state.reward_delta = mu, v
             self.sampler = zopro.Sampler("targeted" if case == "zopro" else "gaussian", self.params, mu, v)
         elif case == "rloo":
             self.optimizer = torch.optim.AdamW(self.params.values(), lr=self.cfg.fo_lr,
