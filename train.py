@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     presets = "\n".join(f"  {t} {p}: " + " ".join(f"{k}={v}" for k, v in sorted(task.presets[p].items()))
                         for t, task in TASKS.items() for p in ("cpu", "gpu"))
     ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        usage="python train.py [--task TASK] [--method METHOD] [--out RUN] [--resume] [options]", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=f"Presets (applied before explicit flags):\n{presets}")
     ap.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     for title, flags in FLAGS.items():
@@ -124,13 +124,13 @@ def resolve(args) -> dict:
     task = given.get("task", s["task"])
     if task not in TASKS:
         raise SystemExit(f"unknown --task {task!r}; choose from {', '.join(TASKS)}")
-    s["device"] = runs.pick_device(given.get("device", s["device"]))
+    device = runs.pick_device(given.get("device", s["device"]))
     preset = given.get("preset", s["preset"])
     if preset == "auto":
-        preset = "gpu" if s["device"].startswith("cuda") else "cpu"
+        preset = "gpu" if device.startswith("cuda") else "cpu"
     s.update(TASKS[task].presets[preset])
     s.update(given)
-    s["preset"] = preset
+    s["device"], s["preset"] = device, preset
     if s["out"] is None:
         s["out"] = f"runs/{task}-{s['method']}-s{s['seed']}"
     if s["method"] not in ("zopro", "mezo", "rloo"):
