@@ -9,9 +9,11 @@ Settings resolve as: zopro.Config and DEFAULTS below <- the task's cpu/gpu prese
 import argparse
 import dataclasses
 import json
+import shutil
 import sys
 import time
 import warnings
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
@@ -28,7 +30,7 @@ DEFAULTS = dict(  # settings that are not zopro.Config fields
     sft_examples=0, sft_epochs=1, sft_lr=2e-4, sft_batch=8, sft_quantile=0.7,
     rm_examples=0, rm_dev_examples=0, rm0_epochs=1, rm0_lr=2e-4, rm0_batch=8,
     max_prompt_len=256, judge="rm", judge_model=None,
-    dev_prompts=0, test_prompts=0, save_every=10, stop_after=None,
+    dev_prompts=0, test_prompts=0, save_every=10, stop_after=None, init_from=None,
 )
 
 # (flag, type, help); flags are grouped as in --help. Every flag defaults to None: "not given".
@@ -44,6 +46,8 @@ FLAGS = {
         ("seed", int, "run seed; every random stream is a pure function of it"),
         ("save_every", int, "checkpoint every N policy steps (and at each iteration's end)"),
         ("stop_after", int, "stop after this many policy steps in total (resume later with --resume)"),
+        ("init_from", str, "start from another run's SFT, reward model and iteration 0 (which every method "
+                           "shares): the run must match this one in all but the zeroth-order settings"),
     ],
     "LoRA": [
         ("lora_r", int, "adapter rank r"), ("lora_alpha", float, "adapter scale α (update × α/r)"),
@@ -241,6 +245,53 @@ def stage_reward0(run, model, tok, rm, eval_rm, s, train_rows, dev_rows, say) ->
     zopro.load_reward_state(model, eval_rm, zopro.reward_state(model, rm))
 
 
+# Settings that only act from iteration 1 on: a run may differ in these from the run it starts from.
+AFTER_ITERATION0 = runs.RESUME_FREE | {"init_from", "method", "eps", "lr", "n_directions", "decay", "decay_start",
+                                       "decay_rate", "normalize_prev_update", "iterations", "test_prompts"}
+
+
+def copy_shared_stages(run, s, say) -> None:
+    """--init-from SRC: SFT, the initial reward model, iteration 0 and the refinement after it are the same
+    for every method (all first-order), so copy them from SRC instead of computing them again."""
+    src = Path(s["init_from"])
+    cfg_file = src / "config.json"
+    if not cfg_file.exists():
+        raise RunError(f"--init-from {src}: not a run folder (no config.json)")
+    other = json.loads(cfg_file.read_text())
+    differ = sorted(k for k in set(s) | set(other) if k not in AFTER_ITERATION0 and s.get(k) != other.get(k))
+    if differ:
+        raise RunError(f"--init-from {src}: that run differs in settings that act before iteration 1 ("
+                       + ", ".join(f"{k}: {other.get(k)!r} vs {s.get(k)!r}" for k in differ) + ")")
+    files = [src / "checkpoints" / f for f in ("sft.safetensors", "reward0.safetensors", "iter0.safetensors")]
+    if other["iterations"] < 2 or s["iterations"] < 2 or not all(f.exists() for f in files):
+        raise RunError(f"--init-from {src}: needs a run past iteration 0 and its refinement (checkpoints/iter0), "
+                       "and --iterations >= 2 on both")
+    for f in files:
+        shutil.copyfile(f, run.ckpt / f.name)
+    T = s["steps_per_iteration"]
+    for name, keep in (("metrics.jsonl", lambda x: x["global_step"] < T),
+                       ("iterations.jsonl", lambda x: x.get("iteration", -1) <= 0),
+                       ("samples.jsonl", lambda x: x["iteration"] in (-1, 0))):
+        for x in map(json.loads, (src / name).read_text().splitlines()):
+            if keep(x):
+                run.append(name, x)
+    say(f"[init] SFT, reward model and iteration 0 copied from {src} (identical for every method)")
+
+
+def start_after_iteration0(run, model, rm, s, say) -> None:
+    """The loop's state entering iteration 1, rebuilt from the copied checkpoints as end_iteration builds it:
+    θ⁽⁰⁾ and φ⁽¹⁾ from iter0, μ = θ⁽⁰⁾ − θ_sft, v = φ⁽¹⁾ − φ⁽⁰⁾."""
+    t = runs.load_tensors(run.ckpt / "iter0.safetensors", s["device"])[0]
+    theta0, phi1 = runs.unprefixed("policy", t), runs.unprefixed("reward", t)
+    phi0 = zopro.adapter_state(model, rm.adapter)
+    mu, _ = zopro.previous_update(theta0, zopro.adapter_state(model, zopro.REFERENCE), s["normalize_prev_update"])
+    zopro.load_adapter_state(model, zopro.POLICY, theta0)
+    zopro.load_reward_state(model, rm, phi1)
+    state = zopro.State(iteration=1, step=0, global_step=s["steps_per_iteration"], prev_update=mu,
+                        reward_delta={k: v - phi0[k] for k, v in zopro.adapter_state(model, rm.adapter).items()})
+    runs.save_checkpoint(run, model, rm, state, s)
+
+
 def fmt(d: dict) -> str:
     return " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in d.items())
 
@@ -285,11 +336,16 @@ def main(argv=None) -> int:
             say(f"[data] {w.message}")
         if TASKS[s["task"]].note:
             say(f"[data] {TASKS[s['task']].note}")
+        if s["init_from"] and not (run.ckpt / "latest.safetensors").exists():
+            copy_shared_stages(run, s, say)
         stage_sft(run, model, tok, s, train_rows, say)
         stage_reward0(run, model, tok, rm, eval_rm, s, train_rows, dev_rows, say)
+        if s["init_from"] and not (run.ckpt / "latest.safetensors").exists():
+            start_after_iteration0(run, model, rm, s, say)
         results = policy_stage(run, model, tok, rm, eval_rm, s, train_rows, dev_rows, test_rows, say)
     except (ModelError, DataError, RunError, ValueError) as e:
-        say(f"error: {e}")
+        run.log(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)
         return 2
     if results is None:
         return 0

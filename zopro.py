@@ -734,15 +734,20 @@ def policy_step(model, tokenizer, params, cfg: Config, state: State, prompts: Se
             "response_len": batch.seqs.response_mask.sum(-1).float().mean().item(), "seconds": batch.seconds}
 
 
+def previous_update(theta: dict, start: dict, normalize: bool) -> tuple[dict, float]:
+    """μ = θ⁽ⁱ⁾ − θ⁽ⁱ⁻¹⁾, scaled to RMS 1 if `normalize`: then ε and lr mean the same for the targeted and the
+    Gaussian sampler, and the step does not shrink with ‖μ‖² from one iteration to the next.
+    Returns (μ, its RMS before scaling)."""
+    mu = {k: p.detach() - start[k] for k, p in theta.items()}
+    rms = math.sqrt(sum(float(x.pow(2).sum()) for x in mu.values()) / sum(x.numel() for x in mu.values()))
+    return ({k: x / rms for k, x in mu.items()} if normalize and rms > 0 else mu), rms
+
+
 def end_iteration(model, tokenizer, params, cfg: Config, state: State, prompts: Sequences, questions, rm, judge) -> dict:
     """ALGO: after iteration i: μ = θ⁽ⁱ⁾ − θ⁽ⁱ⁻¹⁾; refine φ on judged pairs; v = φ⁽ⁱ⁺¹⁾ − φ⁽ⁱ⁾."""
     it = state.iteration
     metrics = {"iteration": it}
-    mu = {k: p.detach() - state.iteration_start[k] for k, p in params.items()}
-    rms = math.sqrt(sum(float(x.pow(2).sum()) for x in mu.values()) / sum(x.numel() for x in mu.values()))
-    metrics["prev_update_rms"] = rms
-    if cfg.normalize_prev_update and rms > 0:
-        mu = {k: x / rms for k, x in mu.items()}
+    mu, metrics["prev_update_rms"] = previous_update(params, state.iteration_start, cfg.normalize_prev_update)
     if it + 1 < cfg.iterations:  # no refinement after the last iteration: nothing would use it
         phi_before = adapter_state(model, rm.adapter)
         sel = prompt_order(len(prompts), cfg, it)[:cfg.refine_prompts].to(prompts.ids.device)

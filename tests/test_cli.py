@@ -100,3 +100,20 @@ def test_help_is_a_manual():
     assert p.returncode == 0
     for text in ("--method", "--eps", "--decay", "--judge", "Presets", "wmt cpu:", "wmt gpu:"):
         assert text in p.stdout
+
+
+def test_init_from_another_method_equals_running_from_scratch(full_run, tmp_path, tiny_model_dir):
+    # SFT, the reward model and iteration 0 are the same for every method: a mezo run started from the
+    # zopro run's iteration 0 must end exactly where a mezo run from scratch ends
+    out, _ = full_run
+    scratch, init = tmp_path / "scratch", tmp_path / "init"
+    for folder, extra in ((scratch, []), (init, ["--init-from", out])):
+        p = run("train.py", *SMALL, "--model", tiny_model_dir, "--method", "mezo", "--out", folder, *extra)
+        assert p.returncode == 0, p.stdout + p.stderr
+    assert "[init] SFT, reward model and iteration 0 copied" in (init / "log.txt").read_text()
+    a, b = (load_file(f / "checkpoints" / "latest.safetensors") for f in (scratch, init))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    strip = lambda f: [{k: v for k, v in json.loads(x).items() if k != "seconds"} for x in f.read_text().splitlines()]  # noqa: E731
+    assert strip(scratch / "metrics.jsonl") == strip(init / "metrics.jsonl")
+    p = run("train.py", *SMALL, "--model", tiny_model_dir, "--out", tmp_path / "bad", "--init-from", out, "--kl-coef", "0.1")
+    assert p.returncode == 2 and "kl_coef" in p.stdout + p.stderr
