@@ -411,6 +411,7 @@ COMMON_CPU = dict(  # sized so that `python train.py --task wmt` ends in about 3
     refine_prompts=32, dev_prompts=32, test_prompts=128, save_every=4,
 )
 COMMON_GPU = dict(  # close to the paper's settings (PAPER.md §3.1), for one GPU
+    lora_r=64, lora_alpha=128, fo_lr=5e-5, rm0_epochs=3, rm_epochs=3, rm_batch=32,
     sft_examples=0, sft_epochs=3, rm_examples=0, rm_dev_examples=0, max_prompt_len=971,
     iterations=10, steps_per_iteration=100, prompts_per_step=32, k=2, micro_batch=32, max_new_tokens=53,
     refine_prompts=512, dev_prompts=256, test_prompts=0, save_every=10,

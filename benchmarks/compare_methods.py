@@ -1,0 +1,162 @@
+"""The paper's comparison, reproducible: zopro, mezo and rloo on one task, several seeds, one table and plots.
+
+    python benchmarks/compare_methods.py --task wmt --seeds 0 1 2 --out runs/compare   # CPU preset: ~3 h on 2 cores
+
+For each seed, the zopro run goes first; mezo and rloo start from its iteration 0 (train.py --init-from):
+SFT, the initial reward model, iteration 0 (first-order for every method) and the refinement after it are
+the same for all three, so they are computed once per seed. The methods differ from iteration 1 on, and
+only in how θ moves. Finished runs are skipped and stopped ones resumed, so the command can be re-run.
+Flags after `--` go to every train.py call (e.g. `-- --steps-per-iteration 6` for a quick look).
+
+Writes OUT/comparison.md (the table), OUT/comparison.json, and OUT/{reward_vs_step,reward_vs_time,dev_reward}.png.
+Held-out numbers come from each run's results.json: the final policy and the SFT policy on the same test
+prompts, scored by the run's evaluation reward model (its initial one, never refined).
+"""
+import argparse
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from metrics import mean_stderr, require  # noqa: E402
+
+METHODS = ("zopro", "mezo", "rloo")
+
+
+def train(args, method, seed, extra) -> Path:
+    out = Path(args.out) / f"{args.task}-{method}-s{seed}"
+    if (out / "results.json").exists():
+        print(f"[compare] {out} is done")
+        return out
+    cmd = [sys.executable, str(ROOT / "train.py"), "--task", args.task, "--method", method, "--seed", str(seed),
+           "--out", str(out), *extra]
+    if (out / "config.json").exists():
+        cmd.append("--resume")
+    elif method != METHODS[0]:
+        cmd += ["--init-from", str(Path(args.out) / f"{args.task}-{METHODS[0]}-s{seed}")]
+    print("[compare] " + " ".join(cmd), flush=True)
+    if subprocess.run(cmd).returncode != 0:
+        raise SystemExit(f"[compare] {out} failed; see {out / 'log.txt'}, then run this command again")
+    return out
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+
+
+def summarize(run: Path) -> dict:
+    """One run's numbers: held-out reward and gain over SFT, KL, and the seconds its policy steps took
+    from iteration 1 on (where the methods differ; refinement and evaluation are the same for all)."""
+    res = json.loads((run / "results.json").read_text())
+    steps = read_jsonl(run / "metrics.jsonl")
+    dev = {x["iteration"]: x["dev"]["reward"] for x in read_jsonl(run / "iterations.jsonl") if x["stage"] == "iteration"}
+    return {"reward": res["final"]["reward"], "sft_reward": res["sft"]["reward"], "gain": res["final"]["reward_gain"],
+            "gain_stderr": res["final"]["reward_gain_stderr"], "kl": res["final"]["kl"], "n": res["final"]["n"],
+            "step_seconds": sum(m["seconds"]["step"] for m in steps if m["iteration"] >= 1),
+            "steps": steps, "dev": dev}
+
+
+def fmt(xs: list[float], digits: int = 3) -> str:
+    if len(xs) == 1:
+        return f"{xs[0]:+.{digits}f}"
+    m, se = mean_stderr(xs)
+    return f"{m:+.{digits}f} ± {se:.{digits}f}"
+
+
+def table(results: dict, seeds: list[int], task: str) -> str:
+    lines = [f"| method | held-out reward | gain over SFT (paired) | KL to SFT | policy-step time, iterations ≥ 1 (s) | seeds |",
+             "|---|---|---|---|---|---|"]
+    for method, per_seed in results.items():
+        rs = list(per_seed.values())
+        lines.append(f"| {method} | {fmt([r['reward'] for r in rs])} | {fmt([r['gain'] for r in rs])} | "
+                     f"{fmt([r['kl'] for r in rs])} | {fmt([r['step_seconds'] for r in rs], 0)} | {len(rs)} |")
+    sft = [next(iter(results.values()))[s]["sft_reward"] for s in seeds]
+    lines.append(f"| (SFT policy) | {fmt(sft)} | - | 0 | - | {len(sft)} |")
+    n = next(iter(next(iter(results.values())).values()))["n"]
+    lines.append(f"\n{task}: mean ± stderr over seeds of each run's held-out numbers (n={n} test prompts per seed, "
+                 "greedy, scored by the run's evaluation reward model).")
+    return "\n".join(lines)
+
+
+def plots(results: dict, out: Path) -> list[Path]:
+    """Training reward against step and against policy-step seconds (mean over seeds, a 5-step moving
+    average), and dev reward under the evaluation reward model after each iteration."""
+    require("matplotlib", "matplotlib").use("Agg")
+    import matplotlib.pyplot as plt
+
+    def smooth(xs, w=5):
+        return [sum(xs[max(0, i - w + 1):i + 1]) / len(xs[max(0, i - w + 1):i + 1]) for i in range(len(xs))]
+
+    written = []
+    for axis in ("step", "time"):
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for method, per_seed in results.items():
+            runs = [r["steps"] for r in per_seed.values()]
+            n = min(len(s) for s in runs)
+            reward = smooth([sum(s[i]["reward"] for s in runs) / len(runs) for i in range(n)])
+            if axis == "step":
+                xs = [runs[0][i]["global_step"] for i in range(n)]
+            else:
+                secs = [sum(s[i]["seconds"]["step"] for s in runs) / len(runs) for i in range(n)]
+                xs = [sum(secs[:i + 1]) for i in range(n)]
+            ax.plot(xs, reward, label=method, linewidth=1.5)
+        ax.set(xlabel="global step" if axis == "step" else "policy-step wall-clock (s, mean over seeds)",
+               ylabel="training reward (5-step average)", title=f"reward vs {axis}, mean over seeds")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        written.append(out / f"reward_vs_{axis}.png")
+        fig.savefig(written[-1], dpi=100)
+        plt.close(fig)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for method, per_seed in results.items():
+        its = sorted(next(iter(per_seed.values()))["dev"])
+        ms = [mean_stderr([r["dev"][i] for r in per_seed.values()]) for i in its]
+        ax.errorbar(its, [m for m, _ in ms], yerr=[0 if math.isnan(se) else se for _, se in ms], label=method,
+                    marker="o", capsize=3)
+    ax.set(xlabel="iteration", ylabel="dev reward (evaluation reward model)",
+           title="dev reward after each iteration, mean ± stderr over seeds")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    written.append(out / "dev_reward.png")
+    fig.savefig(written[-1], dpi=100)
+    plt.close(fig)
+    return written
+
+
+def main():
+    argv = sys.argv[1:]
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[:argv.index("--")] if "--" in argv else argv
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--task", default="wmt")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    ap.add_argument("--out", default="runs/compare")
+    args = ap.parse_args(argv)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    order = [m for m in METHODS if m in args.methods]
+    if order[0] != METHODS[0]:
+        raise SystemExit("the comparison needs zopro: the other methods start from its iteration 0")
+    results = {m: {} for m in order}
+    for seed in args.seeds:
+        for method in order:
+            results[method][seed] = summarize(train(args, method, seed, extra))
+    out = Path(args.out)
+    md = table(results, args.seeds, args.task)
+    (out / "comparison.md").write_text(md + "\n")
+    (out / "comparison.json").write_text(json.dumps(
+        {m: {s: {k: v for k, v in r.items() if k != "steps"} for s, r in per.items()} for m, per in results.items()},
+        indent=2))
+    print(md)
+    for f in plots(results, out):
+        print(f"wrote {f}")
+
+
+if __name__ == "__main__":
+    main()
