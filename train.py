@@ -80,7 +80,7 @@ FLAGS = {
         ("weight_decay", float, "λ"), ("n_directions", int, "SPSA estimates averaged per step"),
         ("decay", str, "targeted sampler's decay d over an iteration: linear | exp"),
         ("decay_start", float, "d at the first step (< 1)"), ("decay_rate", float, "exp: d_T = d0·e^-rate"),
-        ("normalize_prev_update", bool, "scale μ to RMS 1 (so ε and lr mean the same for zopro and mezo)"),
+        ("prev_update_scale", str, "unit (μ scaled to norm 1) | raw (μ as it is, the original code)"),
     ],
     "reward refinement between iterations": [
         ("judge", str, "rm (the evaluation reward model, default) | llm (a causal LM compares A/B)"),
@@ -107,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
                         for t, task in TASKS.items() for p in ("cpu", "gpu"))
     ap = argparse.ArgumentParser(
         usage="python train.py [--task TASK] [--method METHOD] [--out RUN] [--resume] [options]", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=f"Presets (applied before explicit flags):\n{presets}")
+        epilog=f"Presets (applied before explicit flags):\n{presets}\n\nPer method (before the presets): "
+               + "; ".join(f"{m}: " + " ".join(f"{k}={v}" for k, v in d.items()) for m, d in METHOD_DEFAULTS.items()))
     ap.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     for title, flags in FLAGS.items():
         g = ap.add_argument_group(title)
@@ -121,6 +122,13 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+# A method's own ε and lr: its directions live on different scales, so one value cannot serve both.
+# zopro: z is a unit vector at d = 1 (prev_update_scale "unit"), so ε is a length in parameter space and lr
+# a step length per unit of slope. mezo: z ~ N(0, I) over N ≈ 2.4M adapter weights (‖z‖ ≈ √N), MeZO's
+# usual per-weight ε; its lr must be ~1/N of a unit-direction one not to drown the policy in noise.
+METHOD_DEFAULTS = {"mezo": dict(eps=1e-3, lr=1e-5)}  # zopro: zopro.Config's
+
+
 def resolve(args) -> dict:
     """defaults <- preset <- explicit flags, as one plain dict (what config.json holds)."""
     given = {k: v for k, v in vars(args).items() if v is not None and k != "resume"}
@@ -132,6 +140,7 @@ def resolve(args) -> dict:
     preset = given.get("preset", s["preset"])
     if preset == "auto":
         preset = "gpu" if device.startswith("cuda") else "cpu"
+    s.update(METHOD_DEFAULTS.get(given.get("method", s["method"]), {}))
     s.update(TASKS[task].presets[preset])
     s.update(given)
     s["device"], s["preset"] = device, preset
@@ -247,7 +256,7 @@ def stage_reward0(run, model, tok, rm, eval_rm, s, train_rows, dev_rows, say) ->
 
 # Settings that only act from iteration 1 on: a run may differ in these from the run it starts from.
 AFTER_ITERATION0 = runs.RESUME_FREE | {"init_from", "method", "eps", "lr", "n_directions", "decay", "decay_start",
-                                       "decay_rate", "normalize_prev_update", "iterations", "test_prompts"}
+                                       "decay_rate", "prev_update_scale", "iterations", "test_prompts"}
 
 
 def copy_shared_stages(run, s, say) -> None:
@@ -284,7 +293,7 @@ def start_after_iteration0(run, model, rm, s, say) -> None:
     t = runs.load_tensors(run.ckpt / "iter0.safetensors", s["device"])[0]
     theta0, phi1 = runs.unprefixed("policy", t), runs.unprefixed("reward", t)
     phi0 = zopro.adapter_state(model, rm.adapter)
-    mu, _ = zopro.previous_update(theta0, zopro.adapter_state(model, zopro.REFERENCE), s["normalize_prev_update"])
+    mu, _ = zopro.previous_update(theta0, zopro.adapter_state(model, zopro.REFERENCE), s["prev_update_scale"])
     zopro.load_adapter_state(model, zopro.POLICY, theta0)
     zopro.load_reward_state(model, rm, phi1)
     state = zopro.State(iteration=1, step=0, global_step=s["steps_per_iteration"], prev_update=mu,

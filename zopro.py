@@ -58,15 +58,15 @@ class Config:
     kl_coef: float = 0.05           # β
     clip: float = 0.2               # c
     # zeroth-order (iterations ≥ 1)
-    eps: float = 1e-3               # ε
-    lr: float = 1e-4
+    eps: float = 1e-2               # ε: a length in parameter space for the targeted sampler's unit z;
+    lr: float = 0.5                 # Gaussian z (norm ≈ √N) needs ~1e-3 and ~1e-5 (train.METHOD_DEFAULTS)
     lr_schedule: str = "constant"   # "constant" | "linear" (to 0 over the iteration)
     weight_decay: float = 0.0       # λ
     n_directions: int = 1           # SPSA estimates averaged per step
     decay: str = "linear"           # "linear": d_t = max(0, d0 − t/T) | "exp": d_t = d0·exp(−rate·t/T)
     decay_start: float = 0.999      # d0 < 1, or the first direction holds no noise at all
     decay_rate: float = 5.0
-    normalize_prev_update: bool = True  # scale μ to RMS 1 so ε, lr mean the same for both samplers
+    prev_update_scale: str = "unit"  # "unit": μ scaled to norm 1 | "raw": μ as it is (the original code)
     # first-order (iteration 0, method "rloo")
     fo_lr: float = 1e-4
     # reward refinement between iterations
@@ -734,20 +734,23 @@ def policy_step(model, tokenizer, params, cfg: Config, state: State, prompts: Se
             "response_len": batch.seqs.response_mask.sum(-1).float().mean().item(), "seconds": batch.seconds}
 
 
-def previous_update(theta: dict, start: dict, normalize: bool) -> tuple[dict, float]:
-    """μ = θ⁽ⁱ⁾ − θ⁽ⁱ⁻¹⁾, scaled to RMS 1 if `normalize`: then ε and lr mean the same for the targeted and the
-    Gaussian sampler, and the step does not shrink with ‖μ‖² from one iteration to the next.
-    Returns (μ, its RMS before scaling)."""
+def previous_update(theta: dict, start: dict, scale: str) -> tuple[dict, float]:
+    """μ = θ⁽ⁱ⁾ − θ⁽ⁱ⁻¹⁾. With scale "unit", μ/‖μ‖: at d = 1 the direction is then a unit vector, SPSA
+    measures the slope along it and lr is a step length, whatever ‖μ‖ was. With "raw" (the original code)
+    the step grows with ‖μ‖², so one iteration's step size feeds the next one's quadratically.
+    Returns (μ, ‖μ‖ before scaling)."""
     mu = {k: p.detach() - start[k] for k, p in theta.items()}
-    rms = math.sqrt(sum(float(x.pow(2).sum()) for x in mu.values()) / sum(x.numel() for x in mu.values()))
-    return ({k: x / rms for k, x in mu.items()} if normalize and rms > 0 else mu), rms
+    norm = math.sqrt(sum(float(x.pow(2).sum()) for x in mu.values()))
+    if scale not in ("unit", "raw"):
+        raise ValueError(f"unknown prev_update_scale {scale!r}: use 'unit' or 'raw'")
+    return ({k: x / norm for k, x in mu.items()} if scale == "unit" and norm > 0 else mu), norm
 
 
 def end_iteration(model, tokenizer, params, cfg: Config, state: State, prompts: Sequences, questions, rm, judge) -> dict:
     """ALGO: after iteration i: μ = θ⁽ⁱ⁾ − θ⁽ⁱ⁻¹⁾; refine φ on judged pairs; v = φ⁽ⁱ⁺¹⁾ − φ⁽ⁱ⁾."""
     it = state.iteration
     metrics = {"iteration": it}
-    mu, metrics["prev_update_rms"] = previous_update(params, state.iteration_start, cfg.normalize_prev_update)
+    mu, metrics["prev_update_norm"] = previous_update(params, state.iteration_start, cfg.prev_update_scale)
     if it + 1 < cfg.iterations:  # no refinement after the last iteration: nothing would use it
         phi_before = adapter_state(model, rm.adapter)
         sel = prompt_order(len(prompts), cfg, it)[:cfg.refine_prompts].to(prompts.ids.device)

@@ -109,12 +109,12 @@ def pick_prompts(args, s: dict) -> list[list[int]]:
 
 
 def random_deltas(params: dict, seed: int) -> tuple[dict, dict]:
-    """μ and v as after an iteration: random tensors of the adapter's shapes, μ scaled to RMS 1
-    (Config.normalize_prev_update), v small (a reward-model update)."""
+    """μ and v as after an iteration: random tensors of the adapter's shapes, μ scaled to norm 1
+    (Config.prev_update_scale "unit"), v small (a reward-model update)."""
     g = torch.Generator().manual_seed(zopro.derive_seed(seed, "benchmark-deltas"))
     mu = {k: torch.randn(p.shape, generator=g).to(p.device) for k, p in params.items()}
-    rms = math.sqrt(sum(float(m.pow(2).sum()) for m in mu.values()) / sum(m.numel() for m in mu.values()))
-    mu = {k: m / rms for k, m in mu.items()}
+    norm = math.sqrt(sum(float(m.pow(2).sum()) for m in mu.values()))
+    mu = {k: m / norm for k, m in mu.items()}
     v = {k: 1e-3 * torch.randn(p.shape, generator=g).to(p.device) for k, p in params.items()}
     return mu, v
 
