@@ -58,8 +58,8 @@ class Config:
     kl_coef: float = 0.05           # β
     clip: float = 0.2               # c
     # zeroth-order (iterations ≥ 1)
-    eps: float = 1e-2               # ε: a length in parameter space for the targeted sampler's unit z;
-    lr: float = 0.5                 # Gaussian z (norm ≈ √N) needs ~1e-3 and ~1e-5 (train.METHOD_DEFAULTS)
+    eps: float = 1e-2               # ε: a length in parameter space for the targeted sampler's unit z
+    lr: float = 5.0                 # step per unit slope; Gaussian z (‖z‖ ≈ √N) needs ~1e-3 / ~5e-5 instead
     lr_schedule: str = "constant"   # "constant" | "linear" (to 0 over the iteration)
     weight_decay: float = 0.0       # λ
     n_directions: int = 1           # SPSA estimates averaged per step
