@@ -99,7 +99,7 @@ def main():
                 both = [(judge.first_is_better(q, a, b), judge.first_is_better(q, b, a)) for q, _, a, b in pairs[:50]]
                 says_a = sum(x + y for x, y in both) / (2 * len(both))
                 consistent = sum(x != y for x, y in both) / len(both)
-                print(f"  {'':<7} {'':<30} answers 'A' {says_a:.2f} of the time; same verdict both orders {consistent:.2f}")
+                print(f"  {'':<7} {'':<30} answers 'A' {says_a:.2f} of the time; flips its verdict when the order is swapped {consistent:.2f} of the time")
 
 if __name__ == "__main__":
     main()
