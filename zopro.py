@@ -346,14 +346,14 @@ def reward_loss(model, rm: RewardModel, batch) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------
 # The targeted sampler
 
-def targeted_direction(noise, prev_update, reward_dir, decay, noise_norm):
-    """z = d·μ + √(1−d²)·n for one tensor, n = p·noise_norm/‖p‖ with p = g − (v̂·g)v̂.
+def targeted_direction(noise, prev_update, reward_delta, decay, noise_norm):
+    """z = d·μ + √(1−d²)·n for one tensor, n = p·noise_norm/‖p‖ with p = g − (v·g/‖v‖²)·v.
 
-    noise g ~ N(0, I), prev_update μ, reward_dir v̂ (unit, or all zero if the reward did not move this
-    tensor): same shape. noise_norm is ‖μ‖ (or a stand-in when μ is zero, see Sampler). So z ⟂ v̂ when
-    d = 0, and z = μ when d = 1.
+    noise g ~ N(0, I), prev_update μ, reward_delta v: same shape. p is g with the direction of v removed;
+    a tensor the reward did not move (v = 0) is not projected, and gives no NaN (B8). noise_norm is ‖μ‖
+    (or a stand-in when μ is zero, see Sampler). So z ⟂ v when d = 0, and z = μ when d = 1.
     """
-    p = noise - (reward_dir * noise).sum() * reward_dir
+    p = noise - ((reward_delta * noise).sum() / (reward_delta * reward_delta).sum().clamp_min(1e-30)) * reward_delta
     n = p * (noise_norm / p.norm().clamp_min(1e-12))
     return decay * prev_update + math.sqrt(max(0.0, 1 - decay * decay)) * n
 
@@ -383,10 +383,9 @@ class Sampler:
         if missing:
             raise ValueError(f"targeted sampler: no previous update / reward delta for {missing[:3]}... "
                              "(policy and reward adapters must share names and shapes)")
+        # μ and v as given (fp32 tensors are not copied): the sampler holds no adapter-sized state of its own
         self.mu = {k: prev_update[k].float() for k in params}
-        # v̂ per tensor; a tensor the reward did not move gets v̂ = 0 (no projection), not NaN (B8).
-        self.v_hat = {k: (v / v.norm() if v.norm() > 0 else torch.zeros_like(v))
-                      for k, v in ((k, reward_delta[k].float()) for k in params)}
+        self.v = {k: reward_delta[k].float() for k in params}
         # A tensor with μ = 0 would get z = 0 and never move (B9): explore it at the typical scale of μ.
         total = sum(m.numel() for m in self.mu.values())
         rms = math.sqrt(sum(float(m.pow(2).sum()) for m in self.mu.values()) / total)
@@ -401,7 +400,7 @@ class Sampler:
         for k, p in params.items():
             g = torch.randn(p.shape, generator=gen, device=p.device, dtype=torch.float32)
             yield p, (g if self.kind == "gaussian" else
-                      targeted_direction(g, self.mu[k], self.v_hat[k], d, self.noise_norm[k]))
+                      targeted_direction(g, self.mu[k], self.v[k], d, self.noise_norm[k]))
 
 
 # ----------------------------------------------------------------------------------------------------

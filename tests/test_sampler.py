@@ -27,6 +27,13 @@ def test_targeted_direction_is_previous_update_at_decay_one():
     assert torch.equal(zopro.targeted_direction(g, mu, v_hat, 1.0, float(mu.norm())), mu)
 
 
+def test_projection_does_not_depend_on_the_scale_of_v():
+    mu, v, g = rand(30, 8, seed=1), rand(30, 8, seed=2), rand(30, 8, seed=3)
+    a = zopro.targeted_direction(g, mu, v, 0.3, 2.0)
+    assert torch.allclose(a, zopro.targeted_direction(g, mu, 1e-4 * v, 0.3, 2.0), atol=1e-5)
+    assert torch.allclose(a, zopro.targeted_direction(g, mu, unit(v), 0.3, 2.0), atol=1e-5)
+
+
 def test_reward_component_is_decay_times_mu_component():
     # z·v̂ = d·(μ·v̂): only the noise part is orthogonal to the reward delta (PAPER.md §7.2)
     mu, v_hat, g = rand(400, seed=1), unit(rand(400, seed=2)), rand(400, seed=3)
