@@ -443,7 +443,7 @@ def main(argv=None) -> int:
     g.add_argument("--model", default=train.DEFAULTS["model"], help="hub id or local HF folder (default %(default)s)")
     g.add_argument("--tiny", action="store_true", help="a tiny Llama built in memory and fixed prompts: a quick self-check")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    g.add_argument("--dtype", default="auto", help="base weights: auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32")
+    g.add_argument("--dtype", default="auto", help="base weights: auto (= fp32, as train.py) | bf16 | fp32")
     g.add_argument("--data-dir", default=None, help="MLQE folder (else $ZOPRO_DATA_DIR, else the download cache)")
     g.add_argument("--prompts", type=int, default=None, help="prompts in the batch (default: the preset's prompts_per_step)")
     g.add_argument("--k", type=int, default=None, help="samples per prompt")
