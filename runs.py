@@ -35,7 +35,8 @@ class RunDir:
         self.path = Path(path)
         self.ckpt = self.path / "checkpoints"
         cfg_file = self.path / "config.json"
-        if cfg_file.exists() and not resume:
+        started = any(self.ckpt.glob("*.safetensors"))  # a run that failed before its first checkpoint can restart
+        if started and not resume:
             raise RunError(f"{self.path} already holds a run. Pass --resume to continue it, or choose another --out.")
         if resume and not cfg_file.exists():
             raise RunError(f"--resume: {self.path} holds no run (no config.json).")

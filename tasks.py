@@ -54,7 +54,8 @@ def find_data(data_dir: str | None, name: str, files: list[str], download, what:
         for cand in candidates:
             if all((cand / f).exists() for f in files):
                 return cand
-        raise DataError(f"no {what} files ({', '.join(files)}) in {' or '.join(map(str, candidates))}")
+        raise DataError(f"no {what} files ({', '.join(files)}) in {' or '.join(map(str, candidates))}; point "
+                        "--data-dir (or ZOPRO_DATA_DIR) at the folder that holds them")
     cache = cache_dir() / "data" / name
     if not all((cache / f).exists() for f in files):
         download(cache)

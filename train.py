@@ -342,7 +342,6 @@ def main(argv=None) -> int:
         + (" (no GPU found: a small preset sized for ~30 min on 2 CPU cores; --preset gpu for the paper-scale one)"
            if s["preset"] == "cpu" else ""))
     try:
-        model, tok, rm, eval_rm = runs.build_model(s, say)
         with warnings.catch_warnings(record=True) as dropped:  # rows a loader left out, counted: to the log
             warnings.simplefilter("always", DataWarning)
             train_rows, dev_rows, test_rows = (runs.load_split(s, role) for role in ("train", "dev", "test"))
@@ -350,6 +349,7 @@ def main(argv=None) -> int:
             say(f"[data] {w.message}")
         if TASKS[s["task"]].note:
             say(f"[data] {TASKS[s['task']].note}")
+        model, tok, rm, eval_rm = runs.build_model(s, say)
         if s["init_from"] and not (run.ckpt / "latest.safetensors").exists():
             copy_shared_stages(run, s, say)
         stage_sft(run, model, tok, s, train_rows, say)
