@@ -345,8 +345,8 @@ def main(argv=None) -> int:
         with warnings.catch_warnings(record=True) as dropped:  # rows a loader left out, counted: to the log
             warnings.simplefilter("always", DataWarning)
             train_rows, dev_rows, test_rows = (runs.load_split(s, role) for role in ("train", "dev", "test"))
-        for w in dropped:
-            say(f"[data] {w.message}")
+        for msg in dict.fromkeys(str(w.message) for w in dropped):  # each split reads the same files
+            say(f"[data] {msg}")
         if TASKS[s["task"]].note:
             say(f"[data] {TASKS[s['task']].note}")
         model, tok, rm, eval_rm = runs.build_model(s, say)
