@@ -215,7 +215,8 @@ def reward_report(model, tok, rm, s, items) -> dict:
     for i in range(0, len(items), s["micro_batch"]):
         a, b = reward_batch(tok, s, items[i:i + s["micro_batch"]])
         if isinstance(b, zopro.Sequences):
-            preds += (zopro.reward_scores(model, rm, a) > zopro.reward_scores(model, rm, b)).float().tolist()
+            ra, rb = zopro.reward_scores(model, rm, a), zopro.reward_scores(model, rm, b)
+            preds += ((ra > rb).float() + 0.5 * (ra == rb).float()).tolist()  # a tie is half right
         else:
             preds += zopro.reward_scores(model, rm, a).tolist()
             ys += b.tolist()
