@@ -270,9 +270,10 @@ def compare_policies(model, tok, eval_rm, cfg, s, rows, adapters: dict, run=None
                 run.append("samples.jsonl", {"iteration": "test-" + name, **x})
     say(f"[test] {results['split']}, n={len(rows)} prompts, greedy, scored by the evaluation reward model:"
         + (f"\n  ({results['note']})" if results["note"] else ""))
-    say("  policy     reward ± stderr     gain over first ± stderr   KL to SFT   length")
+    w = max(len("policy"), *map(len, adapters))
+    say(f"  {'policy':<{w}}   reward ± stderr   gain over {next(iter(adapters))} ± stderr   KL to SFT   length")
     for name in adapters:
         r = results[name]
         gain = f"{r['reward_gain']:+.4f} ± {r['reward_gain_stderr']:.4f}" if "reward_gain" in r else "-"
-        say(f"  {name:<10} {r['reward']:+.4f} ± {r['reward_stderr']:.4f}   {gain:>24}   {r['kl']:9.4f}   {r['length']:6.1f}")
+        say(f"  {name:<{w}}   {r['reward']:+.4f} ± {r['reward_stderr']:.4f}   {gain:>22}   {r['kl']:9.4f}   {r['length']:6.1f}")
     return results
