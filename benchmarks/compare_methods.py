@@ -68,14 +68,18 @@ def fmt(xs: list[float], digits: int = 3) -> str:
 
 
 def table(results: dict, seeds: list[int], task: str) -> str:
-    lines = [f"| method | held-out reward | gain over SFT (paired) | KL to SFT | policy-step time, iterations ≥ 1 (s) | seeds |",
-             "|---|---|---|---|---|---|"]
+    lines = [f"| method | held-out reward | gain over SFT (paired) | KL to SFT | policy-step time, iterations ≥ 1 (s) "
+             f"| time ÷ {METHODS[0]}'s, same seed | seeds |", "|---|---|---|---|---|---|---|"]
+    base = results[METHODS[0]]
     for method, per_seed in results.items():
         rs = list(per_seed.values())
+        # The ratio is taken within a seed, so that runs made under different machine load still compare.
+        rel = [r["step_seconds"] / base[s]["step_seconds"] for s, r in per_seed.items()]
         lines.append(f"| {method} | {fmt([r['reward'] for r in rs])} | {fmt([r['gain'] for r in rs])} | "
-                     f"{fmt([r['kl'] for r in rs])} | {fmt([r['step_seconds'] for r in rs], 0)} | {len(rs)} |")
+                     f"{fmt([r['kl'] for r in rs])} | {fmt([r['step_seconds'] for r in rs], 0)} | "
+                     f"{fmt(rel, 2).lstrip('+')} | {len(rs)} |")
     sft = [next(iter(results.values()))[s]["sft_reward"] for s in seeds]
-    lines.append(f"| (SFT policy) | {fmt(sft)} | - | 0 | - | {len(sft)} |")
+    lines.append(f"| (SFT policy) | {fmt(sft)} | - | 0 | - | - | {len(sft)} |")
     n = next(iter(next(iter(results.values())).values()))["n"]
     lines.append(f"\n{task}: mean ± stderr over seeds of each run's held-out numbers (n={n} test prompts per seed, "
                  "greedy, scored by the run's evaluation reward model).")

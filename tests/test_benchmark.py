@@ -28,3 +28,22 @@ def test_step_cost_tiny_prints_ratios_and_writes_json(tmp_path):
                 "zopro_time_over_mezo"):
         r = res["ratios"][key]
         assert r["value"] > 0 and r["target"] and isinstance(r["met"], bool)
+
+
+def test_comparison_table_means_over_seeds_and_times_relative_within_a_seed():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import compare_methods
+
+    def run(reward, secs):
+        return {"reward": reward, "sft_reward": 0.1, "gain": reward - 0.1, "gain_stderr": 0.0, "kl": 0.5, "n": 8,
+                "step_seconds": secs}
+    # Seed 1 ran on a machine twice as loaded: absolute times differ, ratios to zopro do not.
+    results = {"zopro": {0: run(0.3, 100.0), 1: run(0.5, 200.0)}, "mezo": {0: run(0.2, 110.0), 1: run(0.2, 220.0)}}
+    md = compare_methods.table(results, [0, 1], "wmt")
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in md.splitlines()
+            if line.startswith("| ") and "method" not in line}
+    assert rows["zopro"][0] == "+0.400 ± 0.100"     # mean of 0.3 and 0.5; stderr = |0.5-0.3| / 2
+    assert rows["mezo"][0] == "+0.200 ± 0.000"
+    assert rows["mezo"][4] == "1.10 ± 0.00"         # 110/100 and 220/200
+    assert rows["zopro"][4] == "1.00 ± 0.00"
+    assert rows["(SFT policy)"][0] == "+0.100 ± 0.000"
