@@ -127,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
 # vector at d = 1, so ε is a length in parameter space and lr a step per unit of slope. mezo: z ~ N(0, I)
 # over N ≈ 2.4M adapter weights, MeZO's usual per-weight ε. Both lr values were set, on the CPU preset, so
 # that an iteration moves θ about as far as first-order iteration 0 did (‖μ‖ ≈ 0.5): mezo lr 5e-5 moved
-# it 0.55, zopro lr 1 moved it 0.08 (README, "What we found").
+# it 0.55; zopro lr 1 moved it only 0.08, hence its default of 5 (README, "What we found").
 METHOD_DEFAULTS = {"mezo": dict(eps=1e-3, lr=5e-5)}
 
 
@@ -150,6 +150,8 @@ def resolve(args) -> dict:
         s["out"] = f"runs/{task}-{s['method']}-s{s['seed']}"
     if s["method"] not in ("zopro", "mezo", "rloo"):
         raise SystemExit(f"unknown --method {s['method']!r}: zopro | mezo | rloo")
+    if s["k"] < 2:
+        raise SystemExit(f"--k {s['k']}: RLOO compares each sample with the others of its prompt, so k >= 2")
     return s
 
 

@@ -312,6 +312,8 @@ def kl_penalised_reward(scores, logp_old, logp_ref, response_mask, kl_coef):
 
 def rloo_advantages(rewards: torch.Tensor, k: int) -> torch.Tensor:
     """A_i = R_i − mean_{j≠i} R_j within each prompt's group. rewards [B_p·k], grouped prompt-major."""
+    if k < 2:
+        raise ValueError(f"RLOO needs k >= 2 samples per prompt (leave-one-out of one sample is 0/0); got k={k}")
     R = rewards.view(-1, k)
     baseline = (R.sum(1, keepdim=True) - R) / (k - 1)
     return (R - baseline).view(-1)

@@ -16,6 +16,8 @@ def test_rloo_advantages_sum_to_zero_per_prompt_and_match_hand_values():
     assert torch.allclose(A, torch.tensor([1 - 4.0, 2 - 3.5, 6 - 1.5]))
     A = zopro.rloo_advantages(torch.randn(5 * 4), 4).view(5, 4)
     assert torch.allclose(A.sum(1), torch.zeros(5), atol=1e-6)
+    with pytest.raises(ValueError, match="k >= 2"):  # one sample has no leave-one-out baseline (0/0 = NaN)
+        zopro.rloo_advantages(R, 1)
 
 
 def test_kl_penalised_reward_uses_response_tokens_only():
@@ -74,24 +76,30 @@ def test_reward_is_read_at_the_last_real_token(model, tok, rm):
 
 def test_generation_stops_at_eos_and_masks_after_it(model, tok):
     p = prompts(tok, ["one", "two", "three", "four"])
-    # make EOS likely so that some rows stop early
-    with torch.no_grad():
-        model.lm_head.weight[tok.eos_token_id] *= 1.0
-        model.model.norm.weight += 0
-    with zopro.use_adapter(model, zopro.POLICY):
-        seqs, logp = zopro.generate(model, p, 30, 1.5, tok.eos_token_id, tok.pad_token_id,
-                                    torch.Generator().manual_seed(0))
+    # Make EOS likely (+6 on its logit: ~1 in 6 per step at τ = 1.5) so that rows stop at different lengths.
+    # A tiny random model would almost never sample it from ~260 tokens, and the EOS branch would go untested.
+    bias = torch.zeros(len(tok))
+    bias[tok.eos_token_id] = 6.0
+    hook = model.lm_head.register_forward_hook(lambda mod, inp, out: out + bias)
+    try:
+        with zopro.use_adapter(model, zopro.POLICY):
+            seqs, logp = zopro.generate(model, p, 30, 1.5, tok.eos_token_id, tok.pad_token_id,
+                                        torch.Generator().manual_seed(0))
+            ref = zopro.response_logprobs(model, seqs, 1.5)
+    finally:
+        hook.remove()
     resp, mask = seqs.ids[:, seqs.prompt_len:], seqs.response_mask
+    T = resp.shape[1]
+    lengths = []
     for b in range(len(seqs)):
-        eos = (resp[b] == tok.eos_token_id).nonzero()
         n = int(mask[b].sum())
-        if len(eos) and mask[b, eos[0]]:
-            assert n == eos[0].item() + 1                     # EOS kept, everything after masked
-            assert (logp[b, n:] == 0).all()
-        assert mask[b, :n].all() and not mask[b, n:].any()
+        assert mask[b, :n].all() and not mask[b, n:].any()    # one contiguous response, then padding
+        assert resp[b, n - 1] == tok.eos_token_id              # every row ended with its EOS, which is kept
+        assert (resp[b, :n - 1] != tok.eos_token_id).all()     # ... and it is the first EOS
+        assert (logp[b, n:] == 0).all()                        # nothing is counted after it
+        lengths.append(n)
+    assert T < 30 and min(lengths) < T                         # stopped early; shorter rows have masked tails
     # the sampled log-probs are those of a forward pass over the same rows
-    with zopro.use_adapter(model, zopro.POLICY):
-        ref = zopro.response_logprobs(model, seqs, 1.5)
     assert torch.allclose(logp * mask, ref * mask, atol=1e-4)
 
 
