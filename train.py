@@ -74,6 +74,7 @@ FLAGS = {
         ("kl_coef", float, "β in R = s - β·KL"), ("clip", float, "PPO clip range"),
         ("fo_lr", float, "first-order learning rate (AdamW; iteration 0 and --method rloo)"),
         ("micro_batch", int, "sequences per forward pass (memory only)"),
+        ("gen_batch", int, "rollouts per generate call in reward refinement (memory only)"),
     ],
     "zeroth-order (SPSA)": [
         ("eps", float, "perturbation size ε"), ("lr", float, "SPSA learning rate"),

@@ -53,6 +53,7 @@ class Config:
     prompts_per_step: int = 8       # B_p; a step sees B_p·k sequences
     k: int = 2                      # samples per prompt (RLOO group)
     micro_batch: int = 16           # sequences per forward pass; memory knob, not a hyperparameter
+    gen_batch: int = 64             # rollouts per generate call in refinement; bounds its KV cache [rows, P+T]
     temperature: float = 0.7        # τ
     max_new_tokens: int = 53
     kl_coef: float = 0.05           # β
@@ -215,6 +216,14 @@ class Sequences:
     def chunks(self, size: int):
         for i in range(0, len(self), size):
             yield slice(i, i + size), self.select(slice(i, i + size))
+
+
+def cat_sequences(parts: list[Sequences], pad_id: int) -> Sequences:
+    """The rows of several Sequences with one prompt_len, responses right-padded to the longest."""
+    L = max(p.ids.shape[1] for p in parts)
+    ids = torch.cat([F.pad(p.ids, (0, L - p.ids.shape[1]), value=pad_id) for p in parts])
+    mask = torch.cat([F.pad(p.mask, (0, L - p.mask.shape[1])) for p in parts])
+    return Sequences(ids, mask, parts[0].prompt_len)
 
 
 def pack(prompts: list[list[int]], responses: list[list[int]], pad_id: int, device="cpu") -> Sequences:
@@ -622,12 +631,13 @@ def refine_reward_model(model, rm: RewardModel, judge, prompts: Sequences, quest
     dev = prompts.ids.device
     gen = make_generator(derive_seed(seed, "pairs"), dev)
     rep = prompts.select(torch.arange(len(prompts), device=dev).repeat_interleave(2))
-    with use_adapter(model, POLICY):
-        seqs, _ = generate(model, rep, cfg.max_new_tokens, cfg.temperature, eos_id, pad_id, gen)
+    with use_adapter(model, POLICY):  # 2·refine_prompts rows: 1024 on the GPU preset, so in gen_batch calls
+        seqs = cat_sequences([generate(model, c, cfg.max_new_tokens, cfg.temperature, eos_id, pad_id, gen)[0]
+                              for _, c in rep.chunks(cfg.gen_batch)], pad_id)
     a, b = split_pairs(seqs)
+    score = lambda s: chunked(lambda c: reward_scores(model, rm, c), s, cfg.micro_batch)  # noqa: E731
     with torch.no_grad():
-        margin = (chunked(lambda c: reward_scores(model, rm, c), a, cfg.micro_batch)
-                  - chunked(lambda c: reward_scores(model, rm, c), b, cfg.micro_batch)).abs()
+        margin = (score(a) - score(b)).abs()
     keep = margin.argsort()[:max(1, int(cfg.pair_keep * len(a)))]  # least confident pairs first
     a, b = a.select(keep), b.select(keep)
     text = lambda s: [tokenizer.decode(r[m == 1], skip_special_tokens=True).strip()  # noqa: E731
@@ -638,7 +648,7 @@ def refine_reward_model(model, rm: RewardModel, judge, prompts: Sequences, quest
     rejected = Sequences(torch.where(a_better[:, None], b.ids, a.ids), torch.where(a_better[:, None], b.mask, a.mask), a.prompt_len)
     before = reward_state(model, rm)
     with torch.no_grad():
-        acc_before = (reward_scores(model, rm, chosen) > reward_scores(model, rm, rejected)).float().mean().item()
+        acc_before = (score(chosen) > score(rejected)).float().mean().item()
     order = torch.randperm(len(chosen), generator=torch.Generator().manual_seed(derive_seed(seed, "rm-order")))
     batches = [(chosen.select(order[i:i + cfg.rm_batch]), rejected.select(order[i:i + cfg.rm_batch]))
                for _ in range(cfg.rm_epochs) for i in range(0, len(order), cfg.rm_batch)]

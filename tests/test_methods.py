@@ -12,7 +12,7 @@ def run_loop(tok, method, monkeypatch=None):
     torch.nn.init.normal_(head.weight, std=0.5, generator=torch.Generator().manual_seed(3))
     rm = zopro.RewardModel(zopro.REWARD, head)
     cfg = zopro.Config(method=method, iterations=2, steps_per_iteration=2, prompts_per_step=2, k=2, max_new_tokens=6,
-                       refine_prompts=4, rm_batch=2, eps=1e-2, lr=1e-2, fo_lr=1e-2)
+                       refine_prompts=4, gen_batch=3, rm_batch=2, eps=1e-2, lr=1e-2, fo_lr=1e-2)
     p = prompts(tok, ["one", "two", "three", "four", "five"])
     steps = []
     state = zopro.train(model, tok, cfg, p, ["q"] * 5, rm, zopro.RewardModelJudge(model, rm), zopro.State(),

@@ -103,6 +103,16 @@ def test_generation_stops_at_eos_and_masks_after_it(model, tok):
     assert torch.allclose(logp * mask, ref * mask, atol=1e-4)
 
 
+def test_cat_sequences_pads_shorter_responses_and_keeps_every_row():
+    # refinement generates in gen_batch calls; each call stops at its own longest response
+    a = zopro.pack([[5, 6], [7]], [[1, 2, 3], [4]], pad_id=0)           # P = 2, T = 3
+    b = zopro.pack([[8, 9]], [[1]], pad_id=0)                           # P = 2, T = 1
+    c = zopro.cat_sequences([a, b], pad_id=0)
+    assert c.prompt_len == 2 and c.ids.shape == (3, 5)
+    assert c.ids.tolist() == [[5, 6, 1, 2, 3], [0, 7, 4, 0, 0], [8, 9, 1, 0, 0]]
+    assert c.mask.tolist() == [[1, 1, 1, 1, 1], [0, 1, 1, 0, 0], [1, 1, 1, 0, 0]]
+
+
 def test_sampling_is_seeded_and_leaves_global_rng_alone(model, tok):
     p = prompts(tok, ["a", "b"])
     before = torch.get_rng_state()
