@@ -441,7 +441,8 @@ TASKS = {
             "cpu": dict(COMMON_CPU, max_prompt_len=256, max_new_tokens=48, sft_examples=128, rm_examples=192,
                         rm_dev_examples=48, iterations=3, steps_per_iteration=8, prompts_per_step=4,
                         refine_prompts=16, dev_prompts=8, test_prompts=32),
-            "gpu": dict(COMMON_GPU),
+            # micro_batch 8: a backward over 32 sequences of ~1000 tokens would need ~80 GB of activations
+            "gpu": dict(COMMON_GPU, micro_batch=8),
         },
     ),
     "summarize": Task(
@@ -457,7 +458,7 @@ TASKS = {
                         refine_prompts=8, dev_prompts=8, test_prompts=32),
             # every post fits 971 tokens; ~1400 train comparisons: 44 steps of 32 prompts is one pass an
             # iteration (the paper's iterations are passes over the train set), not 2+ passes
-            "gpu": dict(COMMON_GPU, steps_per_iteration=44),
+            "gpu": dict(COMMON_GPU, steps_per_iteration=44, micro_batch=8),  # micro_batch: as chat's
         },
     ),
 }

@@ -546,17 +546,25 @@ def rloo_step(model, params, optimizer, batch: Batch, cfg: Config, lr: float) ->
 # ----------------------------------------------------------------------------------------------------
 # Reward model: first-order fitting, judges, refinement between iterations
 
-def fit(params: list[torch.Tensor], loss_fn, batches, lr: float, on_batch=None) -> list[float]:
-    """Plain AdamW over `batches` (SFT and reward-model training). Returns the losses."""
+def fit(params: list[torch.Tensor], loss_fn, batches, lr: float, on_batch=None, part: int = 0) -> list[float]:
+    """Plain AdamW over `batches` (SFT and reward-model training). Returns the losses.
+
+    A batch is a list or an index tensor. With part > 0 it goes through loss_fn in slices of `part` rows whose
+    gradients, weighted by each slice's share of the rows, add up to one step: exact for a loss that is a mean
+    over rows (MSE, Bradley–Terry), with the memory of one slice."""
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     losses = []
     for b in batches:
         opt.zero_grad(set_to_none=True)
-        loss = loss_fn(b)
-        loss.backward()
+        n = len(b)
+        size, loss = part or n, 0.0
+        for i in range(0, n, size):
+            l = loss_fn(b[i:i + size]) * (min(size, n - i) / n)
+            l.backward()
+            loss += l.item()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        losses.append(loss.item())
+        losses.append(loss)
         if on_batch:
             on_batch(losses[-1])
     return losses
@@ -650,10 +658,10 @@ def refine_reward_model(model, rm: RewardModel, judge, prompts: Sequences, quest
     with torch.no_grad():
         acc_before = (score(chosen) > score(rejected)).float().mean().item()
     order = torch.randperm(len(chosen), generator=torch.Generator().manual_seed(derive_seed(seed, "rm-order")))
-    batches = [(chosen.select(order[i:i + cfg.rm_batch]), rejected.select(order[i:i + cfg.rm_batch]))
-               for _ in range(cfg.rm_epochs) for i in range(0, len(order), cfg.rm_batch)]
+    batches = [order[i:i + cfg.rm_batch] for _ in range(cfg.rm_epochs) for i in range(0, len(order), cfg.rm_batch)]
     params = list(adapter_params(model, rm.adapter).values()) + list(rm.head.parameters())
-    losses = fit(params, lambda bt: reward_loss(model, rm, bt), batches, cfg.rm_lr)
+    losses = fit(params, lambda idx: reward_loss(model, rm, (chosen.select(idx), rejected.select(idx))), batches,
+                 cfg.rm_lr, part=max(1, cfg.micro_batch // 2))  # a pair is two sequences
     if cfg.rm_alpha:
         after = reward_state(model, rm)
         load_reward_state(model, rm, {k: cfg.rm_alpha * before[k] + (1 - cfg.rm_alpha) * after[k] for k in after})

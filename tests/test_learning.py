@@ -1,5 +1,6 @@
 """The objective points the right way: on a reward we control, first-order RLOO raises it, and SPSA
 steps lower the surrogate loss on average."""
+import pytest
 import torch
 
 import zopro
@@ -43,3 +44,18 @@ def test_spsa_steps_lower_the_surrogate_on_average(model, tok, rm):
         zopro.load_adapter_state(model, zopro.POLICY, start)
     # E[ΔL] = −lr·‖∇L‖² < 0: most single steps, and the mean, go down
     assert sum(deltas) / len(deltas) < 0 and sum(d < 0 for d in deltas) > 25
+
+
+@pytest.mark.parametrize("part", [0, 2, 1])
+def test_fit_in_slices_accumulates_the_gradient_of_the_whole_batch(part):
+    # 5 rows in slices of 2, 2, 1 (weights 0.4, 0.4, 0.2) must give the gradient of the mean over all 5:
+    # ∂/∂w mean_i (x_i·w − y_i)² = (2/n) Σ_i (x_i·w − y_i) x_i, computed here by hand
+    X = torch.tensor([[0.1, 0.2], [0.0, -0.1], [0.3, 0.1], [-0.2, 0.1], [0.1, 0.1]])
+    y = torch.tensor([0.1, -0.2, 0.0, 0.3, 0.1])
+    w0 = torch.tensor([0.5, -0.5])
+    w = torch.nn.Parameter(w0.clone())
+    losses = zopro.fit([w], lambda idx: ((X[idx] @ w - y[idx]) ** 2).mean(), [torch.arange(5)], lr=1e-3, part=part)
+    r = X @ w0 - y
+    assert losses[0] == pytest.approx((r ** 2).mean().item(), rel=1e-6)
+    assert torch.allclose(w.grad, 2 / 5 * (r[:, None] * X).sum(0), atol=1e-7)  # norm < 1: not clipped
+    assert not torch.equal(w.detach(), w0)                                       # and the step was taken
