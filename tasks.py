@@ -451,10 +451,10 @@ TASKS = {
         presets={
             # Posts are long: 256 prompt tokens would keep 7% of them, 384 keeps half (train 701, dev 75,
             # test 80 comparisons); each sequence then costs ~2x a chat one, hence fewer steps and RM pairs.
-            # rm0_batch 4: a Bradley–Terry batch of 8 pairs (16 sequences of up to 432 tokens) peaked at 18 GB
-            # resident with its backward, and was killed on a 24 GB machine shared with another run.
+            # micro_batch 8: a Bradley–Terry batch of 8 pairs (16 sequences of up to 432 tokens) in one backward
+            # peaked at 18 GB resident and was killed on a 24 GB machine shared with another run; 4 pairs a slice.
             "cpu": dict(COMMON_CPU, max_prompt_len=384, max_new_tokens=48, sft_examples=64, rm_examples=64,
-                        rm_dev_examples=32, rm0_batch=4, iterations=3, steps_per_iteration=6, prompts_per_step=4,
+                        rm_dev_examples=32, micro_batch=8, iterations=3, steps_per_iteration=6, prompts_per_step=4,
                         refine_prompts=8, dev_prompts=8, test_prompts=32),
             # every post fits 971 tokens; ~1400 train comparisons: 44 steps of 32 prompts is one pass an
             # iteration (the paper's iterations are passes over the train set), not 2+ passes
