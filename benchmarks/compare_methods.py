@@ -60,11 +60,12 @@ def summarize(run: Path) -> dict:
             "steps": steps, "dev": dev}
 
 
-def fmt(xs: list[float], digits: int = 3) -> str:
+def fmt(xs: list[float], digits: int = 3, sign: str = "+", se1: float | None = None) -> str:
+    """Mean ± stderr over seeds; with one seed, the value ± `se1` (its own stderr over prompts) when given."""
     if len(xs) == 1:
-        return f"{xs[0]:+.{digits}f}"
+        return f"{xs[0]:{sign}.{digits}f}" + (f" ± {se1:.{digits}f} (prompts)" if se1 is not None else "")
     m, se = mean_stderr(xs)
-    return f"{m:+.{digits}f} ± {se:.{digits}f}"
+    return f"{m:{sign}.{digits}f} ± {se:.{digits}f}"
 
 
 def table(results: dict, seeds: list[int], task: str) -> str:
@@ -75,14 +76,14 @@ def table(results: dict, seeds: list[int], task: str) -> str:
         rs = list(per_seed.values())
         # The ratio is taken within a seed, so that runs made under different machine load still compare.
         rel = [r["step_seconds"] / base[s]["step_seconds"] for s, r in per_seed.items()]
-        lines.append(f"| {method} | {fmt([r['reward'] for r in rs])} | {fmt([r['gain'] for r in rs])} | "
-                     f"{fmt([r['kl'] for r in rs])} | {fmt([r['step_seconds'] for r in rs], 0)} | "
-                     f"{fmt(rel, 2).lstrip('+')} | {len(rs)} |")
+        lines.append(f"| {method} | {fmt([r['reward'] for r in rs])} | "
+                     f"{fmt([r['gain'] for r in rs], se1=rs[0]['gain_stderr'])} | {fmt([r['kl'] for r in rs], sign='')} | "
+                     f"{fmt([r['step_seconds'] for r in rs], 0, sign='')} | {fmt(rel, 2, sign='')} | {len(rs)} |")
     sft = [next(iter(results.values()))[s]["sft_reward"] for s in seeds]
     lines.append(f"| (SFT policy) | {fmt(sft)} | - | 0 | - | - | {len(sft)} |")
     n = next(iter(next(iter(results.values())).values()))["n"]
     lines.append(f"\n{task}: mean ± stderr over seeds of each run's held-out numbers (n={n} test prompts per seed, "
-                 "greedy, scored by the run's evaluation reward model).")
+                 "greedy, scored by the run's evaluation reward model); with one seed, ± is the paired stderr over prompts.")
     return "\n".join(lines)
 
 
