@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+from tqdm import tqdm
 
 import zopro
 from models import load_model
@@ -235,11 +236,19 @@ def held_out_prompts(tok, s: dict, rows, say=print) -> tuple[list, list[list[int
 # ----------------------------------------------------------------------------------------------------
 # Scoring policies (train.py's reports and evaluate.py)
 
+def evaluate_policy(model, tok, eval_rm, cfg, s, prompts, adapter, seed, desc: str) -> dict:
+    """zopro.evaluate_policy with a progress bar (a wmt test report is minutes per policy on CPU)."""
+    bar = tqdm(total=len(prompts), desc=desc, unit="prompt", dynamic_ncols=True, leave=False)
+    out = zopro.evaluate_policy(model, prompts, eval_rm, cfg, tok.eos_token_id, tok.pad_token_id, adapter, seed,
+                                s["micro_batch"], on_batch=bar.update)
+    bar.close()
+    return out
+
+
 def score_policy(model, tok, eval_rm, cfg, s, prompts, rows, adapter, seed) -> tuple[dict, list, dict]:
     """Greedy responses under the evaluation reward model, KL to the SFT policy from samples, lengths.
     Returns (summary, three samples, per-prompt values)."""
-    out = zopro.evaluate_policy(model, prompts, eval_rm, cfg, tok.eos_token_id, tok.pad_token_id, adapter, seed,
-                                s["micro_batch"])
+    out = evaluate_policy(model, tok, eval_rm, cfg, s, prompts, adapter, seed, f"eval {adapter}")
     reward, reward_se = mean_stderr(out["reward"])
     summary = {"reward": reward, "reward_stderr": reward_se, "kl": sum(out["kl"]) / len(out["kl"]),
                "length": sum(out["length"]) / len(out["length"]), "n": len(out["reward"])}

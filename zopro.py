@@ -798,10 +798,10 @@ def cosine(a: dict, b: dict) -> float:
 
 @torch.no_grad()
 def evaluate_policy(model, prompts: Sequences, rm: RewardModel, cfg: Config, eos_id: int, pad_id: int,
-                    adapter: str = POLICY, seed: int = 0, batch_size: int = 16) -> dict:
+                    adapter: str = POLICY, seed: int = 0, batch_size: int = 16, on_batch=None) -> dict:
     """Greedy responses scored by `rm`, and a KL(π_τ‖π_ref,τ) estimate from one response per prompt sampled
     at the training temperature. Returns per-prompt lists: reward, kl, length, finished (EOS before the
-    token limit), responses (token ids without the EOS)."""
+    token limit), responses (token ids without the EOS). on_batch(rows done) is called after each batch."""
     out = {"reward": [], "kl": [], "length": [], "finished": [], "responses": []}
     for i in range(0, len(prompts), batch_size):
         p = prompts.select(slice(i, i + batch_size))
@@ -819,4 +819,6 @@ def evaluate_policy(model, prompts: Sequences, rm: RewardModel, cfg: Config, eos
             out["finished"].append(finished)
             out["length"].append(len(r) - int(finished))
             out["responses"].append(r[:len(r) - int(finished)].tolist())
+        if on_batch:
+            on_batch(len(p))
     return out
