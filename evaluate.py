@@ -171,7 +171,7 @@ def text_metrics(texts: list[str], rows, task: str, refs: list[str] | None) -> d
 
 def score(model, tok, eval_rm, cfg, s, prompts, rows, adapter, refs) -> tuple[dict, dict]:
     """One policy on the held-out prompts, through zopro.evaluate_policy. Returns (summary, per-prompt)."""
-    out = runs.evaluate_policy(model, tok, eval_rm, cfg, s, prompts, adapter, s["seed"], f"eval {adapter}")
+    out = runs.evaluate_policy(model, tok, eval_rm, cfg, s, prompts, adapter, s["seed"])
     out["text"] = [tok.decode(ids, skip_special_tokens=True).strip() for ids in out["responses"]]
     summary = means({"reward": out["reward"], "kl": out["kl"], "length": out["length"],
                      "empty": [t == "" for t in out["text"]], "at_limit": [not f for f in out["finished"]]})

@@ -236,9 +236,9 @@ def held_out_prompts(tok, s: dict, rows, say=print) -> tuple[list, list[list[int
 # ----------------------------------------------------------------------------------------------------
 # Scoring policies (train.py's reports and evaluate.py)
 
-def evaluate_policy(model, tok, eval_rm, cfg, s, prompts, adapter, seed, desc: str) -> dict:
+def evaluate_policy(model, tok, eval_rm, cfg, s, prompts, adapter, seed) -> dict:
     """zopro.evaluate_policy with a progress bar (a wmt test report is minutes per policy on CPU)."""
-    bar = tqdm(total=len(prompts), desc=desc, unit="prompt", dynamic_ncols=True, leave=False)
+    bar = tqdm(total=len(prompts), desc=f"eval {adapter}", unit="prompt", dynamic_ncols=True, leave=False)
     out = zopro.evaluate_policy(model, prompts, eval_rm, cfg, tok.eos_token_id, tok.pad_token_id, adapter, seed,
                                 s["micro_batch"], on_batch=bar.update)
     bar.close()
@@ -248,7 +248,7 @@ def evaluate_policy(model, tok, eval_rm, cfg, s, prompts, adapter, seed, desc: s
 def score_policy(model, tok, eval_rm, cfg, s, prompts, rows, adapter, seed) -> tuple[dict, list, dict]:
     """Greedy responses under the evaluation reward model, KL to the SFT policy from samples, lengths.
     Returns (summary, three samples, per-prompt values)."""
-    out = evaluate_policy(model, tok, eval_rm, cfg, s, prompts, adapter, seed, f"eval {adapter}")
+    out = evaluate_policy(model, tok, eval_rm, cfg, s, prompts, adapter, seed)
     reward, reward_se = mean_stderr(out["reward"])
     summary = {"reward": reward, "reward_stderr": reward_se, "kl": sum(out["kl"]) / len(out["kl"]),
                "length": sum(out["length"]) / len(out["length"]), "n": len(out["reward"])}

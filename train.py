@@ -252,7 +252,7 @@ def stage_reward0(run, model, tok, rm, eval_rm, s, train_rows, dev_rows, say) ->
         zopro.fit(params, lambda c: zopro.reward_loss(model, rm, reward_batch(tok, s, c)),
                   batches(train, s["rm0_batch"], s["rm0_epochs"], s["seed"], "rm0-order"), s["rm0_lr"],
                   on_batch=lambda l: (bar.update(), bar.set_postfix(loss=f"{l:.3f}")),
-                  part=max(1, s["micro_batch"] // 2) if TASKS[s["task"]].reward == "bt" else s["micro_batch"])
+                  part=zopro.reward_part(s["micro_batch"], pairs=TASKS[s["task"]].reward == "bt"))
         bar.close()
         after = reward_report(model, tok, rm, s, dev)
         runs.save_tensors(path, zopro.reward_state(model, rm), {"stage": "reward0", "dev": after})

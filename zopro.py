@@ -546,6 +546,11 @@ def rloo_step(model, params, optimizer, batch: Batch, cfg: Config, lr: float) ->
 # ----------------------------------------------------------------------------------------------------
 # Reward model: first-order fitting, judges, refinement between iterations
 
+def reward_part(micro_batch: int, pairs: bool) -> int:
+    """Rows of a reward-model batch per backward (fit's `part`): a preference pair is two sequences."""
+    return max(1, micro_batch // 2) if pairs else micro_batch
+
+
 def fit(params: list[torch.Tensor], loss_fn, batches, lr: float, on_batch=None, part: int = 0) -> list[float]:
     """Plain AdamW over `batches` (SFT and reward-model training). Returns the losses.
 
@@ -661,7 +666,7 @@ def refine_reward_model(model, rm: RewardModel, judge, prompts: Sequences, quest
     batches = [order[i:i + cfg.rm_batch] for _ in range(cfg.rm_epochs) for i in range(0, len(order), cfg.rm_batch)]
     params = list(adapter_params(model, rm.adapter).values()) + list(rm.head.parameters())
     losses = fit(params, lambda idx: reward_loss(model, rm, (chosen.select(idx), rejected.select(idx))), batches,
-                 cfg.rm_lr, part=max(1, cfg.micro_batch // 2))  # a pair is two sequences
+                 cfg.rm_lr, part=reward_part(cfg.micro_batch, pairs=True))
     if cfg.rm_alpha:
         after = reward_state(model, rm)
         load_reward_state(model, rm, {k: cfg.rm_alpha * before[k] + (1 - cfg.rm_alpha) * after[k] for k in after})
