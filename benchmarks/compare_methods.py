@@ -69,18 +69,22 @@ def fmt(xs: list[float], digits: int = 3, sign: str = "+", se1: float | None = N
 
 
 def table(results: dict, seeds: list[int], task: str) -> str:
-    lines = [f"| method | held-out reward | gain over SFT (paired) | KL to SFT | policy-step time, iterations ≥ 1 (s) "
-             f"| time ÷ {METHODS[0]}'s, same seed | seeds |", "|---|---|---|---|---|---|---|"]
+    lines = [f"| method | held-out reward | − {METHODS[0]}'s, same seed | gain over SFT (paired) | KL to SFT "
+             f"| policy-step time, iterations ≥ 1 (s) | time ÷ {METHODS[0]}'s, same seed | seeds |",
+             "|---|---|---|---|---|---|---|---|"]
     base = results[METHODS[0]]
     for method, per_seed in results.items():
         rs = list(per_seed.values())
-        # The ratio is taken within a seed, so that runs made under different machine load still compare.
+        # Differences and ratios are taken within a seed: the runs of one seed share SFT, the reward model and
+        # iteration 0, so the difference is the method's; a ratio also cancels the machine's load that day.
+        diff = [r["reward"] - base[s]["reward"] for s, r in per_seed.items()]
         rel = [r["step_seconds"] / base[s]["step_seconds"] for s, r in per_seed.items()]
         lines.append(f"| {method} | {fmt([r['reward'] for r in rs])} | "
+                     f"{'-' if method == METHODS[0] else fmt(diff)} | "
                      f"{fmt([r['gain'] for r in rs], se1=rs[0]['gain_stderr'])} | {fmt([r['kl'] for r in rs], sign='')} | "
                      f"{fmt([r['step_seconds'] for r in rs], 0, sign='')} | {fmt(rel, 2, sign='')} | {len(rs)} |")
     sft = [next(iter(results.values()))[s]["sft_reward"] for s in seeds]
-    lines.append(f"| (SFT policy) | {fmt(sft)} | - | 0 | - | - | {len(sft)} |")
+    lines.append(f"| (SFT policy) | {fmt(sft)} | - | - | 0 | - | - | {len(sft)} |")
     n = next(iter(next(iter(results.values())).values()))["n"]
     lines.append(f"\n{task}: mean ± stderr over seeds of each run's held-out numbers (n={n} test prompts per seed, "
                  "greedy, scored by the run's evaluation reward model); with one seed, ± is the paired stderr over prompts.")

@@ -44,6 +44,8 @@ def test_comparison_table_means_over_seeds_and_times_relative_within_a_seed():
             if line.startswith("| ") and "method" not in line}
     assert rows["zopro"][0] == "+0.400 ± 0.100"     # mean of 0.3 and 0.5; stderr = |0.5-0.3| / 2
     assert rows["mezo"][0] == "+0.200 ± 0.000"
-    assert rows["mezo"][4] == "1.10 ± 0.00"         # 110/100 and 220/200
-    assert rows["zopro"][4] == "1.00 ± 0.00"
+    assert rows["mezo"][1] == "-0.200 ± 0.100"      # 0.2-0.3 and 0.2-0.5, within each seed
+    assert rows["zopro"][1] == "-"
+    assert rows["mezo"][5] == "1.10 ± 0.00"         # 110/100 and 220/200
+    assert rows["zopro"][5] == "1.00 ± 0.00"
     assert rows["(SFT policy)"][0] == "+0.100 ± 0.000"
