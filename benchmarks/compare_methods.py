@@ -53,11 +53,18 @@ def summarize(run: Path) -> dict:
     from iteration 1 on (where the methods differ; refinement and evaluation are the same for all)."""
     res = json.loads((run / "results.json").read_text())
     steps = read_jsonl(run / "metrics.jsonl")
-    dev = {x["iteration"]: x["dev"]["reward"] for x in read_jsonl(run / "iterations.jsonl") if x["stage"] == "iteration"}
+    its = [x for x in read_jsonl(run / "iterations.jsonl") if x["stage"] == "iteration"]
+    moved = [x["prev_update_norm"] for x in its if x["iteration"] >= 1]
     return {"reward": res["final"]["reward"], "sft_reward": res["sft"]["reward"], "gain": res["final"]["reward_gain"],
             "gain_stderr": res["final"]["reward_gain_stderr"], "kl": res["final"]["kl"], "n": res["final"]["n"],
             "step_seconds": sum(m["seconds"]["step"] for m in steps if m["iteration"] >= 1),
-            "steps": steps, "dev": dev}
+            # ‖θ⁽ⁱ⁾ − θ⁽ⁱ⁻¹⁾‖, mean over iterations ≥ 1: how far the method moved the adapter in an iteration
+            "moved": sum(moved) / len(moved) if moved else float("nan"),
+            # zeroth-order methods: g at each iteration's first step; for zopro z ≈ μ/‖μ‖ there (d = d0 ≈ 1), so
+            # g is the slope of the loss along the previous update: < 0 means continuing that update helps
+            "first_step_g": {m["iteration"]: m["projected_grad"] for m in steps
+                             if m["iteration"] >= 1 and m["step"] == 0 and "projected_grad" in m},
+            "steps": steps, "dev": {x["iteration"]: x["dev"]["reward"] for x in its}}
 
 
 def fmt(xs: list[float], digits: int = 3, sign: str = "+", se1: float | None = None) -> str:
@@ -70,8 +77,9 @@ def fmt(xs: list[float], digits: int = 3, sign: str = "+", se1: float | None = N
 
 def table(results: dict, seeds: list[int], task: str) -> str:
     lines = [f"| method | held-out reward | − {METHODS[0]}'s, same seed | gain over SFT (paired) | KL to SFT "
-             f"| policy-step time, iterations ≥ 1 (s) | time ÷ {METHODS[0]}'s, same seed | seeds |",
-             "|---|---|---|---|---|---|---|---|"]
+             f"| ‖Δθ‖ an iteration, iterations ≥ 1 | policy-step time, iterations ≥ 1 (s) "
+             f"| time ÷ {METHODS[0]}'s, same seed | seeds |",
+             "|---|---|---|---|---|---|---|---|---|"]
     base = results[METHODS[0]]
     for method, per_seed in results.items():
         rs = list(per_seed.values())
@@ -82,12 +90,20 @@ def table(results: dict, seeds: list[int], task: str) -> str:
         lines.append(f"| {method} | {fmt([r['reward'] for r in rs])} | "
                      f"{'-' if method == METHODS[0] else fmt(diff)} | "
                      f"{fmt([r['gain'] for r in rs], se1=rs[0]['gain_stderr'])} | {fmt([r['kl'] for r in rs], sign='')} | "
-                     f"{fmt([r['step_seconds'] for r in rs], 0, sign='')} | {fmt(rel, 2, sign='')} | {len(rs)} |")
+                     f"{fmt([r['moved'] for r in rs], sign='')} | {fmt([r['step_seconds'] for r in rs], 0, sign='')} | "
+                     f"{fmt(rel, 2, sign='')} | {len(rs)} |")
     sft = [next(iter(results.values()))[s]["sft_reward"] for s in seeds]
-    lines.append(f"| (SFT policy) | {fmt(sft)} | - | - | 0 | - | - | {len(sft)} |")
+    lines.append(f"| (SFT policy) | {fmt(sft)} | - | - | 0 | - | - | - | {len(sft)} |")
     n = next(iter(next(iter(results.values())).values()))["n"]
     lines.append(f"\n{task}: mean ± stderr over seeds of each run's held-out numbers (n={n} test prompts per seed, "
                  "greedy, scored by the run's evaluation reward model); with one seed, ± is the paired stderr over prompts.")
+    g = {s: r["first_step_g"] for s, r in base.items()}
+    pos = sum(x > 0 for v in g.values() for x in v.values())
+    lines.append(f"\n{METHODS[0]}'s first step of each iteration ≥ 1 measures the slope of the loss along the "
+                 "previous update (z ≈ μ/‖μ‖ at d = d0): "
+                 + "; ".join(f"seed {s}: " + ", ".join(f"it {i} {x:+.4f}" for i, x in v.items()) for s, v in g.items())
+                 + f". {pos} of {sum(len(v) for v in g.values())} are > 0: the loss rises along μ there, so the "
+                 "step goes back along −μ.")
     return "\n".join(lines)
 
 

@@ -34,11 +34,12 @@ def test_comparison_table_means_over_seeds_and_times_relative_within_a_seed():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import compare_methods
 
-    def run(reward, secs):
+    def run(reward, secs, moved=1.0, g=None):
         return {"reward": reward, "sft_reward": 0.1, "gain": reward - 0.1, "gain_stderr": 0.0, "kl": 0.5, "n": 8,
-                "step_seconds": secs}
+                "step_seconds": secs, "moved": moved, "first_step_g": g or {}}
     # Seed 1 ran on a machine twice as loaded: absolute times differ, ratios to zopro do not.
-    results = {"zopro": {0: run(0.3, 100.0), 1: run(0.5, 200.0)}, "mezo": {0: run(0.2, 110.0), 1: run(0.2, 220.0)}}
+    results = {"zopro": {0: run(0.3, 100.0, 0.2, {1: 0.5, 2: -0.25}), 1: run(0.5, 200.0, 0.6, {1: 0.125, 2: 1.0})},
+               "mezo": {0: run(0.2, 110.0), 1: run(0.2, 220.0)}}
     md = compare_methods.table(results, [0, 1], "wmt")
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in md.splitlines()
             if line.startswith("| ") and "method" not in line}
@@ -46,6 +47,9 @@ def test_comparison_table_means_over_seeds_and_times_relative_within_a_seed():
     assert rows["mezo"][0] == "+0.200 ± 0.000"
     assert rows["mezo"][1] == "-0.200 ± 0.100"      # 0.2-0.3 and 0.2-0.5, within each seed
     assert rows["zopro"][1] == "-"
-    assert rows["mezo"][5] == "1.10 ± 0.00"         # 110/100 and 220/200
-    assert rows["zopro"][5] == "1.00 ± 0.00"
+    assert rows["zopro"][4] == "0.400 ± 0.200"      # ‖Δθ‖: mean of 0.2 and 0.6
+    assert rows["mezo"][6] == "1.10 ± 0.00"         # 110/100 and 220/200
+    assert rows["zopro"][6] == "1.00 ± 0.00"
     assert rows["(SFT policy)"][0] == "+0.100 ± 0.000"
+    assert all(len(r) == len(rows["zopro"]) for r in rows.values())
+    assert "seed 0: it 1 +0.5000, it 2 -0.2500; seed 1: it 1 +0.1250, it 2 +1.0000. 3 of 4 are > 0" in md
