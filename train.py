@@ -110,26 +110,18 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         usage="python train.py [--task TASK] [--method METHOD] [--out RUN] [--resume] [options]", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=f"Presets (applied before explicit flags):\n{presets}\n\nPer method (before the presets): "
-               + "; ".join(f"{m}: " + " ".join(f"{k}={v}" for k, v in d.items()) for m, d in METHOD_DEFAULTS.items()))
+               + "; ".join(f"{m}: " + " ".join(f"{k}={v}" for k, v in d.items()) for m, d in zopro.SPSA_DEFAULTS.items()))
     ap.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     for title, flags in FLAGS.items():
         g = ap.add_argument_group(title)
         for name, typ, text in flags:
             flag = "--" + name.replace("_", "-")
-            help_text = f"{text} (default {base[name]})"
+            help_text = f"{text} (default {'per method, listed at the end' if name in ('eps', 'lr') else base[name]})"
             if typ is bool:
                 g.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
             else:
                 g.add_argument(flag, type=typ, default=None, help=help_text)
     return ap
-
-
-# A method's own ε and lr: their directions live on different scales. zopro (zopro.Config): z is a unit
-# vector at d = 1, so ε is a length in parameter space and lr a step per unit of slope. mezo: z ~ N(0, I)
-# over N ≈ 2.4M adapter weights, MeZO's usual per-weight ε. Both lr values were set, on the CPU preset, so
-# that an iteration moves θ about as far as first-order iteration 0 did (‖μ‖ ≈ 0.5): mezo lr 5e-5 moved
-# it 0.55; zopro lr 1 moved it only 0.08, hence its default of 5 (README, "What we found").
-METHOD_DEFAULTS = {"mezo": dict(eps=1e-3, lr=5e-5)}
 
 
 def resolve(args) -> dict:
@@ -143,7 +135,7 @@ def resolve(args) -> dict:
     preset = given.get("preset", s["preset"])
     if preset == "auto":
         preset = "gpu" if device.startswith("cuda") else "cpu"
-    s.update(METHOD_DEFAULTS.get(given.get("method", s["method"]), {}))
+    s.update(zopro.SPSA_DEFAULTS.get(given.get("method", s["method"]), {}))
     s.update(TASKS[task].presets[preset])
     s.update(given)
     s["device"], s["preset"] = device, preset

@@ -44,6 +44,15 @@ import torch.nn.functional as F
 POLICY, REFERENCE, REWARD = "policy", "sft", "reward"  # adapter names
 
 
+# ε and lr of an SPSA step, per sampler: their directions live on different scales. zopro: z is a unit vector
+# at d = 1, so ε is a length in parameter space and lr a step per unit of slope. mezo: z ~ N(0, I), ‖z‖ ≈ √N
+# (N ≈ 2.4M adapter weights on the CPU preset), with MeZO's usual per-weight ε. Both lr values were set, on the
+# wmt CPU preset, so that an iteration moves θ about as far as first-order iteration 0 did (‖μ‖ ≈ 0.5): mezo
+# lr 5e-5 moved it 0.55; zopro lr 1 moved it only 0.08, hence 5 (README, "What we found"). rloo takes zopro's
+# values; it never uses them.
+SPSA_DEFAULTS = {"zopro": dict(eps=1e-2, lr=5.0), "mezo": dict(eps=1e-3, lr=5e-5), "rloo": dict(eps=1e-2, lr=5.0)}
+
+
 @dataclass
 class Config:
     method: str = "zopro"           # iterations ≥ 1: "zopro" (targeted SPSA), "mezo" (Gaussian SPSA), "rloo" (first-order)
@@ -59,8 +68,8 @@ class Config:
     kl_coef: float = 0.05           # β
     clip: float = 0.2               # c
     # zeroth-order (iterations ≥ 1)
-    eps: float = 1e-2               # ε: a length in parameter space for the targeted sampler's unit z
-    lr: float = 5.0                 # step per unit slope; Gaussian z (‖z‖ ≈ √N) needs ~1e-3 / ~5e-5 instead
+    eps: float | None = None        # ε; None: the method's SPSA_DEFAULTS (zopro 1e-2, mezo 1e-3)
+    lr: float | None = None         # SPSA step; None: the method's SPSA_DEFAULTS (zopro 5, mezo 5e-5)
     lr_schedule: str = "constant"   # "constant" | "linear" (to 0 over the iteration)
     weight_decay: float = 0.0       # λ
     n_directions: int = 1           # SPSA estimates averaged per step
@@ -77,6 +86,13 @@ class Config:
     rm_epochs: int = 1
     rm_batch: int = 8
     rm_alpha: float = 0.0           # α: φ ← α·φ_prev + (1−α)·φ_new; 0 keeps the new weights
+
+    def __post_init__(self):
+        if self.method not in SPSA_DEFAULTS:
+            raise ValueError(f"unknown method {self.method!r}: use one of {', '.join(SPSA_DEFAULTS)}")
+        for k, v in SPSA_DEFAULTS[self.method].items():  # Config(method="mezo") gets mezo's scale, not zopro's
+            if getattr(self, k) is None:
+                setattr(self, k, v)
 
 
 # ----------------------------------------------------------------------------------------------------

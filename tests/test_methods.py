@@ -66,3 +66,23 @@ def test_prev_update_and_reward_delta_are_what_the_iterations_did(runs):
     assert sum(float(v.pow(2).sum()) for v in mu.values()) == pytest.approx(1.0, rel=1e-5)
     assert state.reward_delta is not None and any(v.abs().max() > 0 for v in state.reward_delta.values())
     assert state.reward_delta.keys() == theta.keys()
+
+
+def test_a_config_built_by_hand_takes_its_methods_spsa_scale():
+    # Gaussian z has norm ~√N, so zopro's lr 5 would throw a MeZO run far off (README, What we found);
+    # the values are those of the README's hyperparameter table.
+    assert (zopro.Config(method="mezo").eps, zopro.Config(method="mezo").lr) == (1e-3, 5e-5)
+    assert (zopro.Config().eps, zopro.Config().lr) == (1e-2, 5.0)
+    assert zopro.Config(method="mezo", lr=1e-6).lr == 1e-6        # an explicit value wins
+    with pytest.raises(ValueError, match="unknown method"):
+        zopro.Config(method="spsa")
+
+
+def test_train_py_resolves_the_same_spsa_scale_as_the_library():
+    import train
+    for method in ("zopro", "mezo", "rloo"):
+        s = train.resolve(train.build_parser().parse_args(["--task", "wmt", "--method", method]))
+        cfg = zopro.Config(method=method)
+        assert (s["eps"], s["lr"]) == (cfg.eps, cfg.lr)
+    s = train.resolve(train.build_parser().parse_args(["--method", "mezo", "--lr", "3e-5"]))
+    assert s["lr"] == 3e-5
