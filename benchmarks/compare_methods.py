@@ -22,6 +22,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import torch  # noqa: E402
+
+import runs  # noqa: E402
 from metrics import mean_stderr, require  # noqa: E402
 
 METHODS = ("zopro", "mezo", "rloo")
@@ -48,23 +51,34 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
 
 
+def trajectory(run: Path) -> dict:
+    """Where the policy adapter went, from the run's checkpoints: θ⁽⁻¹⁾ = SFT, θ⁽ⁱ⁾ after iteration i, and
+    Δ⁽ⁱ⁾ = θ⁽ⁱ⁾ − θ⁽ⁱ⁻¹⁾. Returns per iteration i: step_norm ‖Δ⁽ⁱ⁾‖, from_sft ‖θ⁽ⁱ⁾ − θ_SFT‖, and for i ≥ 1
+    cos_prev = cos(Δ⁽ⁱ⁾, Δ⁽ⁱ⁻¹⁾): the targeted sampler bets that an iteration continues the last one."""
+    ck, n = run / "checkpoints", json.loads((run / "config.json").read_text())["iterations"]
+    states = [runs.load_tensors(ck / "sft.safetensors")[0]]
+    states += [runs.unprefixed("policy", runs.load_tensors(ck / f"iter{i}.safetensors")[0]) for i in range(n)]
+    theta = [torch.cat([st[k].double().flatten() for k in sorted(states[0])]) for st in states]  # [N] each
+    delta = [b - a for a, b in zip(theta, theta[1:])]
+    cos = lambda a, b: float(a @ b / (a.norm() * b.norm()))  # noqa: E731
+    return {"step_norm": [float(x.norm()) for x in delta], "from_sft": [float((t - theta[0]).norm()) for t in theta[1:]],
+            "cos_prev": [cos(delta[i], delta[i - 1]) for i in range(1, n)], "dim": theta[0].numel()}
+
+
 def summarize(run: Path) -> dict:
-    """One run's numbers: held-out reward and gain over SFT, KL, and the seconds its policy steps took
-    from iteration 1 on (where the methods differ; refinement and evaluation are the same for all)."""
+    """One run's numbers: held-out reward and gain over SFT, KL, the seconds its policy steps took from
+    iteration 1 on (where the methods differ; refinement and evaluation are the same for all), and its path."""
     res = json.loads((run / "results.json").read_text())
     steps = read_jsonl(run / "metrics.jsonl")
     its = [x for x in read_jsonl(run / "iterations.jsonl") if x["stage"] == "iteration"]
-    moved = [x["prev_update_norm"] for x in its if x["iteration"] >= 1]
     return {"reward": res["final"]["reward"], "sft_reward": res["sft"]["reward"], "gain": res["final"]["reward_gain"],
             "gain_stderr": res["final"]["reward_gain_stderr"], "kl": res["final"]["kl"], "n": res["final"]["n"],
             "step_seconds": sum(m["seconds"]["step"] for m in steps if m["iteration"] >= 1),
-            # ‖θ⁽ⁱ⁾ − θ⁽ⁱ⁻¹⁾‖, mean over iterations ≥ 1: how far the method moved the adapter in an iteration
-            "moved": sum(moved) / len(moved) if moved else float("nan"),
             # zeroth-order methods: g at each iteration's first step; for zopro z ≈ μ/‖μ‖ there (d = d0 ≈ 1), so
             # g is the slope of the loss along the previous update: < 0 means continuing that update helps
             "first_step_g": {m["iteration"]: m["projected_grad"] for m in steps
                              if m["iteration"] >= 1 and m["step"] == 0 and "projected_grad" in m},
-            "steps": steps, "dev": {x["iteration"]: x["dev"]["reward"] for x in its}}
+            "path": trajectory(run), "steps": steps, "dev": {x["iteration"]: x["dev"]["reward"] for x in its}}
 
 
 def fmt(xs: list[float], digits: int = 3, sign: str = "+", se1: float | None = None) -> str:
@@ -77,9 +91,8 @@ def fmt(xs: list[float], digits: int = 3, sign: str = "+", se1: float | None = N
 
 def table(results: dict, seeds: list[int], task: str) -> str:
     lines = [f"| method | held-out reward | − {METHODS[0]}'s, same seed | gain over SFT (paired) | KL to SFT "
-             f"| ‖Δθ‖ an iteration, iterations ≥ 1 | policy-step time, iterations ≥ 1 (s) "
-             f"| time ÷ {METHODS[0]}'s, same seed | seeds |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             f"| policy-step time, iterations ≥ 1 (s) | time ÷ {METHODS[0]}'s, same seed | seeds |",
+             "|---|---|---|---|---|---|---|---|"]
     base = results[METHODS[0]]
     for method, per_seed in results.items():
         rs = list(per_seed.values())
@@ -90,14 +103,31 @@ def table(results: dict, seeds: list[int], task: str) -> str:
         lines.append(f"| {method} | {fmt([r['reward'] for r in rs])} | "
                      f"{'-' if method == METHODS[0] else fmt(diff)} | "
                      f"{fmt([r['gain'] for r in rs], se1=rs[0]['gain_stderr'])} | {fmt([r['kl'] for r in rs], sign='')} | "
-                     f"{fmt([r['moved'] for r in rs], sign='')} | {fmt([r['step_seconds'] for r in rs], 0, sign='')} | "
-                     f"{fmt(rel, 2, sign='')} | {len(rs)} |")
+                     f"{fmt([r['step_seconds'] for r in rs], 0, sign='')} | {fmt(rel, 2, sign='')} | {len(rs)} |")
     sft = [next(iter(results.values()))[s]["sft_reward"] for s in seeds]
-    lines.append(f"| (SFT policy) | {fmt(sft)} | - | - | 0 | - | - | - | {len(sft)} |")
+    lines.append(f"| (SFT policy) | {fmt(sft)} | - | - | 0 | - | - | {len(sft)} |")
     n = next(iter(next(iter(results.values())).values()))["n"]
     lines.append(f"\n{task}: mean ± stderr over seeds of each run's held-out numbers (n={n} test prompts per seed, "
                  "greedy, scored by the run's evaluation reward model); with one seed, ± is the paired stderr over prompts.")
-    g = {s: r["first_step_g"] for s, r in base.items()}
+    return "\n".join(lines) + "\n\n" + paths(results)
+
+
+def paths(results: dict) -> str:
+    """How far and which way each method moved the policy adapter from iteration 1 on (mean ± stderr over seeds,
+    and over iterations for the per-iteration columns), and zopro's measured slope along μ."""
+    lines = ["| method | ‖Δθ‖ an iteration, iterations ≥ 1 | mean abs cos(Δθ⁽ⁱ⁾, Δθ⁽ⁱ⁻¹⁾), i ≥ 1 | cos, each seed and i "
+             "| ‖θ − θ_SFT‖ after iteration 0 | ‖θ − θ_SFT‖ final | seeds |", "|---|---|---|---|---|---|---|"]
+    for method, per_seed in results.items():
+        ps = [r["path"] for r in per_seed.values()]
+        lines.append(f"| {method} | {fmt([x for p in ps for x in p['step_norm'][1:]], sign='')} | "
+                     f"{fmt([abs(x) for p in ps for x in p['cos_prev']], sign='')} | "
+                     f"{' '.join(f'{x:+.2f}' for p in ps for x in p['cos_prev'])} | "
+                     f"{fmt([p['from_sft'][0] for p in ps], sign='')} | {fmt([p['from_sft'][-1] for p in ps], sign='')} | "
+                     f"{len(ps)} |")
+    dim = next(iter(next(iter(results.values())).values()))["path"]["dim"]
+    lines.append(f"\nΔθ⁽ⁱ⁾ = θ⁽ⁱ⁾ − θ⁽ⁱ⁻¹⁾ over the N = {dim:,} adapter weights (from the runs' checkpoints); two random "
+                 f"directions have |cos| of order 1/√N = {1 / math.sqrt(dim):.4f}.")
+    g = {s: r["first_step_g"] for s, r in results[METHODS[0]].items()}
     pos = sum(x > 0 for v in g.values() for x in v.values())
     lines.append(f"\n{METHODS[0]}'s first step of each iteration ≥ 1 measures the slope of the loss along the "
                  "previous update (z ≈ μ/‖μ‖ at d = d0): "

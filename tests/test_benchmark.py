@@ -4,6 +4,9 @@ import json
 import subprocess
 import sys
 
+import pytest
+import torch
+
 from conftest import ROOT
 
 
@@ -34,22 +37,53 @@ def test_comparison_table_means_over_seeds_and_times_relative_within_a_seed():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import compare_methods
 
-    def run(reward, secs, moved=1.0, g=None):
+    def run(reward, secs, norms=(1.0, 1.0, 1.0), cos=(0.0, 0.0), g=None):
         return {"reward": reward, "sft_reward": 0.1, "gain": reward - 0.1, "gain_stderr": 0.0, "kl": 0.5, "n": 8,
-                "step_seconds": secs, "moved": moved, "first_step_g": g or {}}
+                "step_seconds": secs, "first_step_g": g or {},
+                "path": {"step_norm": list(norms), "cos_prev": list(cos), "from_sft": [0.5, 0.25, 0.75], "dim": 10_000}}
     # Seed 1 ran on a machine twice as loaded: absolute times differ, ratios to zopro do not.
-    results = {"zopro": {0: run(0.3, 100.0, 0.2, {1: 0.5, 2: -0.25}), 1: run(0.5, 200.0, 0.6, {1: 0.125, 2: 1.0})},
+    results = {"zopro": {0: run(0.3, 100.0, (9.0, 0.2, 0.4), (-0.5, 0.25), {1: 0.5, 2: -0.25}),
+                         1: run(0.5, 200.0, (9.0, 0.6, 0.8), (-1.0, 0.75), {1: 0.125, 2: 1.0})},
                "mezo": {0: run(0.2, 110.0), 1: run(0.2, 220.0)}}
     md = compare_methods.table(results, [0, 1], "wmt")
-    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in md.splitlines()
-            if line.startswith("| ") and "method" not in line}
-    assert rows["zopro"][0] == "+0.400 ± 0.100"     # mean of 0.3 and 0.5; stderr = |0.5-0.3| / 2
-    assert rows["mezo"][0] == "+0.200 ± 0.000"
-    assert rows["mezo"][1] == "-0.200 ± 0.100"      # 0.2-0.3 and 0.2-0.5, within each seed
-    assert rows["zopro"][1] == "-"
-    assert rows["zopro"][4] == "0.400 ± 0.200"      # ‖Δθ‖: mean of 0.2 and 0.6
-    assert rows["mezo"][6] == "1.10 ± 0.00"         # 110/100 and 220/200
-    assert rows["zopro"][6] == "1.00 ± 0.00"
-    assert rows["(SFT policy)"][0] == "+0.100 ± 0.000"
-    assert all(len(r) == len(rows["zopro"]) for r in rows.values())
+    rows = {}
+    for line in md.splitlines():
+        if line.startswith("| ") and "method" not in line:
+            cells = [c.strip() for c in line.split("|")[1:-1]]
+            rows.setdefault(cells[0], []).append(cells[1:])   # a method has a row in each of the two tables
+    assert rows["zopro"][0][0] == "+0.400 ± 0.100"     # mean of 0.3 and 0.5; stderr = |0.5-0.3| / 2
+    assert rows["mezo"][0][0] == "+0.200 ± 0.000"
+    assert rows["mezo"][0][1] == "-0.200 ± 0.100"      # 0.2-0.3 and 0.2-0.5, within each seed
+    assert rows["zopro"][0][1] == "-"
+    assert rows["mezo"][0][5] == "1.10 ± 0.00"         # 110/100 and 220/200
+    assert rows["zopro"][0][5] == "1.00 ± 0.00"
+    assert rows["(SFT policy)"][0][0] == "+0.100 ± 0.000"
+    assert all(len(r[0]) == len(rows["zopro"][0]) for r in rows.values())
+    # the path table: iteration 0 (shared) is left out of the per-iteration columns
+    assert rows["zopro"][1][0] == "0.500 ± 0.129"      # 0.2 0.4 0.6 0.8: mean 0.5, sd 0.2582, / √4
+    assert rows["zopro"][1][1] == "0.625 ± 0.161"      # |cos| 0.5 0.25 1 0.75: mean 0.625, sd 0.3227, / √4
+    assert rows["zopro"][1][2] == "-0.50 +0.25 -1.00 +0.75"
+    assert rows["zopro"][1][3:5] == ["0.500 ± 0.000", "0.750 ± 0.000"]
+    assert "1/√N = 0.0100" in md
     assert "seed 0: it 1 +0.5000, it 2 -0.2500; seed 1: it 1 +0.1250, it 2 +1.0000. 3 of 4 are > 0" in md
+
+
+def test_trajectory_reads_the_policy_path_from_checkpoints(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import compare_methods
+    import runs
+
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "config.json").write_text(json.dumps({"iterations": 3}))
+    # θ as two tensors of a 3-vector: SFT at 0, then steps (1,0,0), (-2,0,0) (straight back), (0,0,3)
+    pts = [[0, 0, 0], [1, 0, 0], [-1, 0, 0], [-1, 0, 3]]
+    split = lambda v: {"a.lora_A": torch.tensor(v[:1], dtype=torch.float32), "a.lora_B": torch.tensor(v[1:], dtype=torch.float32)}  # noqa: E731
+    runs.save_tensors(tmp_path / "checkpoints" / "sft.safetensors", split(pts[0]), {})
+    for i, v in enumerate(pts[1:]):
+        runs.save_tensors(tmp_path / "checkpoints" / f"iter{i}.safetensors",
+                          {**runs.prefixed("policy", split(v)), **runs.prefixed("reward", {"x": torch.ones(1)})}, {})
+    p = compare_methods.trajectory(tmp_path)
+    assert p["step_norm"] == pytest.approx([1, 2, 3])
+    assert p["cos_prev"] == pytest.approx([-1, 0])
+    assert p["from_sft"] == pytest.approx([1, 1, 10 ** 0.5])
+    assert p["dim"] == 3
