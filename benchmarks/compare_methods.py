@@ -78,7 +78,10 @@ def summarize(run: Path) -> dict:
             # g is the slope of the loss along the previous update: < 0 means continuing that update helps
             "first_step_g": {m["iteration"]: m["projected_grad"] for m in steps
                              if m["iteration"] >= 1 and m["step"] == 0 and "projected_grad" in m},
-            "path": trajectory(run), "steps": steps, "dev": {x["iteration"]: x["dev"]["reward"] for x in its}}
+            # dev reward under the evaluation reward model: the SFT policy (iteration -1), then after each iteration
+            "dev": {**{x["iteration"]: x["reward"] for x in read_jsonl(run / "iterations.jsonl") if x["stage"] == "dev"},
+                    **{x["iteration"]: x["dev"]["reward"] for x in its}},
+            "path": trajectory(run), "steps": steps}
 
 
 def fmt(xs: list[float], digits: int = 3, sign: str = "+", se1: float | None = None) -> str:
@@ -138,8 +141,10 @@ def paths(results: dict) -> str:
 
 
 def plots(results: dict, out: Path) -> list[Path]:
-    """Training reward against step and against policy-step seconds (mean over seeds, a 5-step moving
-    average), and dev reward under the evaluation reward model after each iteration."""
+    """Training reward against step and against policy-step seconds, and dev reward under the evaluation reward
+    model after each iteration, each as a mean over seeds of the change from a baseline that the methods of a
+    seed share (every seed has its own reward models, whose levels differ by more than any method moves them):
+    training reward minus the seed's mean over iteration 0, a 5-step moving average; dev reward minus SFT's."""
     require("matplotlib", "matplotlib").use("Agg")
     import matplotlib.pyplot as plt
 
@@ -152,7 +157,8 @@ def plots(results: dict, out: Path) -> list[Path]:
         for method, per_seed in results.items():
             runs = [r["steps"] for r in per_seed.values()]
             n = min(len(s) for s in runs)
-            reward = smooth([sum(s[i]["reward"] for s in runs) / len(runs) for i in range(n)])
+            base = [mean_stderr([m["reward"] for m in s if m["iteration"] == 0])[0] for s in runs]
+            reward = smooth([sum(s[i]["reward"] - b for s, b in zip(runs, base)) / len(runs) for i in range(n)])
             if axis == "step":
                 xs = [runs[0][i]["global_step"] for i in range(n)]
             else:
@@ -160,7 +166,7 @@ def plots(results: dict, out: Path) -> list[Path]:
                 xs = [sum(secs[:i + 1]) for i in range(n)]
             ax.plot(xs, reward, label=method, linewidth=1.5)
         ax.set(xlabel="global step" if axis == "step" else "policy-step wall-clock (s, mean over seeds)",
-               ylabel="training reward (5-step average)", title=f"reward vs {axis}, mean over seeds")
+               ylabel="training reward − iteration 0's mean", title=f"reward vs {axis} (5-step average), mean over seeds")
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
@@ -170,11 +176,12 @@ def plots(results: dict, out: Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(7, 4))
     for method, per_seed in results.items():
         its = sorted(next(iter(per_seed.values()))["dev"])
-        ms = [mean_stderr([r["dev"][i] for r in per_seed.values()]) for i in its]
+        ms = [mean_stderr([r["dev"][i] - r["dev"][-1] for r in per_seed.values()]) for i in its]
         ax.errorbar(its, [m for m, _ in ms], yerr=[0 if math.isnan(se) else se for _, se in ms], label=method,
                     marker="o", capsize=3)
-    ax.set(xlabel="iteration", ylabel="dev reward (evaluation reward model)",
-           title="dev reward after each iteration, mean ± stderr over seeds")
+    ax.set_xticks(sorted(next(iter(next(iter(results.values())).values()))["dev"]))
+    ax.set(xlabel="iteration (-1: the SFT policy)", ylabel="dev reward − SFT's (evaluation reward model)",
+           title="dev reward gain after each iteration, mean ± stderr over seeds")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
