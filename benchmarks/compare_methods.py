@@ -81,6 +81,8 @@ def summarize(run: Path) -> dict:
             # dev reward under the evaluation reward model: the SFT policy (iteration -1), then after each iteration
             "dev": {**{x["iteration"]: x["reward"] for x in read_jsonl(run / "iterations.jsonl") if x["stage"] == "dev"},
                     **{x["iteration"]: x["dev"]["reward"] for x in its}},
+            # the evaluation reward model's quality on held-out human labels (Pearson r, or pair accuracy)
+            "rm_dev": next((x["dev"] for x in read_jsonl(run / "iterations.jsonl") if x["stage"] == "reward0"), {}),
             "path": trajectory(run), "steps": steps}
 
 
@@ -112,6 +114,10 @@ def table(results: dict, seeds: list[int], task: str) -> str:
     n = next(iter(next(iter(results.values())).values()))["n"]
     lines.append(f"\n{task}: mean ± stderr over seeds of each run's held-out numbers (n={n} test prompts per seed, "
                  "greedy, scored by the run's evaluation reward model); with one seed, ± is the paired stderr over prompts.")
+    quality = {s: {k: v for k, v in r["rm_dev"].items() if k in ("pearson", "pair_accuracy")} for s, r in base.items()}
+    lines.append("Each seed trains its own evaluation reward model; on held-out human labels: "
+                 + "; ".join(f"seed {s}: " + ", ".join(f"{k} {v:.2f}" for k, v in q.items() if v is not None)
+                             for s, q in quality.items()) + ".")
     return "\n".join(lines) + "\n\n" + paths(results)
 
 

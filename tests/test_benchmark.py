@@ -39,7 +39,7 @@ def test_comparison_table_means_over_seeds_and_times_relative_within_a_seed():
 
     def run(reward, secs, norms=(1.0, 1.0, 1.0), cos=(0.0, 0.0), g=None):
         return {"reward": reward, "sft_reward": 0.1, "gain": reward - 0.1, "gain_stderr": 0.0, "kl": 0.5, "n": 8,
-                "step_seconds": secs, "first_step_g": g or {},
+                "step_seconds": secs, "first_step_g": g or {}, "rm_dev": {"pearson": reward, "mse": 1.0, "n": 8},
                 "path": {"step_norm": list(norms), "cos_prev": list(cos), "from_sft": [0.5, 0.25, 0.75], "dim": 10_000}}
     # Seed 1 ran on a machine twice as loaded: absolute times differ, ratios to zopro do not.
     results = {"zopro": {0: run(0.3, 100.0, (9.0, 0.2, 0.4), (-0.5, 0.25), {1: 0.5, 2: -0.25}),
@@ -65,6 +65,7 @@ def test_comparison_table_means_over_seeds_and_times_relative_within_a_seed():
     assert rows["zopro"][1][2] == "-0.50 +0.25 -1.00 +0.75"
     assert rows["zopro"][1][3:5] == ["0.500 ± 0.000", "0.750 ± 0.000"]
     assert "1/√N = 0.0100" in md
+    assert "seed 0: pearson 0.30; seed 1: pearson 0.50." in md  # zopro's runs carry the seed's reward model
     assert "seed 0: it 1 +0.5000, it 2 -0.2500; seed 1: it 1 +0.1250, it 2 +1.0000. 3 of 4 are > 0" in md
 
 
