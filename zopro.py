@@ -88,6 +88,7 @@ class Config:
     rm_alpha: float = 0.0           # α: φ ← α·φ_prev + (1−α)·φ_new; 0 keeps the new weights
 
     def __post_init__(self):
+        # Filled once, at construction: dataclasses.replace(cfg, method="mezo") keeps cfg's ε and lr; pass them too.
         if self.method not in SPSA_DEFAULTS:
             raise ValueError(f"unknown method {self.method!r}: use one of {', '.join(SPSA_DEFAULTS)}")
         for k, v in SPSA_DEFAULTS[self.method].items():  # Config(method="mezo") gets mezo's scale, not zopro's

@@ -135,27 +135,31 @@ def paths(results: dict) -> str:
                      f"{len(ps)} |")
     dim = next(iter(next(iter(results.values())).values()))["path"]["dim"]
     lines.append(f"\nΔθ⁽ⁱ⁾ = θ⁽ⁱ⁾ − θ⁽ⁱ⁻¹⁾ over the N = {dim:,} adapter weights (from the runs' checkpoints); two random "
-                 f"directions have |cos| of order 1/√N = {1 / math.sqrt(dim):.4f}.")
+                 f"directions have |cos| of order 1/√N = {1 / math.sqrt(dim):.4f}. In the two per-iteration columns ± "
+                 "pools seeds and iterations, which are not independent.")
     g = {s: r["first_step_g"] for s, r in results[METHODS[0]].items()}
-    pos = sum(x > 0 for v in g.values() for x in v.values())
     lines.append(f"\n{METHODS[0]}'s first step of each iteration ≥ 1 measures the slope of the loss along the "
-                 "previous update (z ≈ μ/‖μ‖ at d = d0): "
+                 "previous update (z ≈ μ/‖μ‖ at d = d0; > 0: the loss rises along μ, and that step goes back along −μ): "
                  + "; ".join(f"seed {s}: " + ", ".join(f"it {i} {x:+.4f}" for i, x in v.items()) for s, v in g.items())
-                 + f". {pos} of {sum(len(v) for v in g.values())} are > 0: the loss rises along μ there, so the "
-                 "step goes back along −μ.")
+                 + ". Where the whole iteration went is the cos column above.")
     return "\n".join(lines)
+
+
+def smooth(xs: list[float], its: list[int], w: int = 5) -> list[float]:
+    """Trailing w-step mean that restarts at each iteration (its: the iteration of each step, in order): the
+    reward model that scores the training samples changes between iterations."""
+    lo = [max(i - w + 1, its.index(its[i])) for i in range(len(xs))]
+    return [sum(xs[a:i + 1]) / (i + 1 - a) for i, a in enumerate(lo)]
 
 
 def plots(results: dict, out: Path) -> list[Path]:
     """Training reward against step and against policy-step seconds, and dev reward under the evaluation reward
     model after each iteration, each as a mean over seeds of the change from a baseline that the methods of a
     seed share (every seed has its own reward models, whose levels differ by more than any method moves them):
-    training reward minus the seed's mean over iteration 0, a 5-step moving average; dev reward minus SFT's."""
+    training reward minus the seed's mean over iteration 0, a 5-step moving average within each iteration; dev
+    reward minus SFT's."""
     require("matplotlib", "matplotlib").use("Agg")
     import matplotlib.pyplot as plt
-
-    def smooth(xs, w=5):
-        return [sum(xs[max(0, i - w + 1):i + 1]) / len(xs[max(0, i - w + 1):i + 1]) for i in range(len(xs))]
 
     written = []
     for axis in ("step", "time"):
@@ -164,7 +168,8 @@ def plots(results: dict, out: Path) -> list[Path]:
             runs = [r["steps"] for r in per_seed.values()]
             n = min(len(s) for s in runs)
             base = [mean_stderr([m["reward"] for m in s if m["iteration"] == 0])[0] for s in runs]
-            reward = smooth([sum(s[i]["reward"] - b for s, b in zip(runs, base)) / len(runs) for i in range(n)])
+            reward = smooth([sum(s[i]["reward"] - b for s, b in zip(runs, base)) / len(runs) for i in range(n)],
+                            [runs[0][i]["iteration"] for i in range(n)])
             if axis == "step":
                 xs = [runs[0][i]["global_step"] for i in range(n)]
             else:
@@ -172,7 +177,8 @@ def plots(results: dict, out: Path) -> list[Path]:
                 xs = [sum(secs[:i + 1]) for i in range(n)]
             ax.plot(xs, reward, label=method, linewidth=1.5)
         ax.set(xlabel="global step" if axis == "step" else "policy-step wall-clock (s, mean over seeds)",
-               ylabel="training reward − iteration 0's mean", title=f"reward vs {axis} (5-step average), mean over seeds")
+               ylabel="training reward − iteration 0's mean",
+               title=f"reward vs {axis} (5-step average within an iteration), mean over seeds")
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()

@@ -70,9 +70,10 @@ TINY_TEXTS = ["The cat sleeps on the warm windowsill.", "Trains leave every hour
 # ----------------------------------------------------------------------------------------------------
 # Settings, model and the fixed batch
 
-def settings(args) -> dict:
-    """The run's own settings (train.py's defaults <- preset <- flags), so the default batch is a real one."""
-    argv = ["--model", args.model, "--dtype", args.dtype, "--seed", str(args.seed)]
+def settings(args, method: str = "zopro") -> dict:
+    """The run's own settings (train.py's defaults <- preset <- flags), so the default batch is a real one;
+    `method` picks its ε and lr (a MeZO step with zopro's lr 5 would be a different step, if not a slower one)."""
+    argv = ["--model", args.model, "--dtype", args.dtype, "--seed", str(args.seed), "--method", method]
     if args.device != "auto":  # train.resolve picks the device only when --device is not given
         argv += ["--device", args.device]
     for flag, v in (("--prompts-per-step", args.prompts), ("--k", args.k), ("--max-new-tokens", args.max_new_tokens),
@@ -192,7 +193,7 @@ class Case:
     """The model, the fixed batch and what a step of kind `case` needs (sampler, μ, v / AdamW)."""
 
     def __init__(self, args, case: str):
-        s = settings(args)
+        s = settings(args, case if case in ("mezo", "rloo") else "zopro")
         self.case, self.cfg, self.dev = case, train.config_of(s), s["device"]
         cuda = self.dev.startswith("cuda")
         self.sync = torch.cuda.synchronize if cuda else (lambda: None)

@@ -66,7 +66,7 @@ def test_comparison_table_means_over_seeds_and_times_relative_within_a_seed():
     assert rows["zopro"][1][3:5] == ["0.500 ± 0.000", "0.750 ± 0.000"]
     assert "1/√N = 0.0100" in md
     assert "seed 0: pearson 0.30; seed 1: pearson 0.50." in md  # zopro's runs carry the seed's reward model
-    assert "seed 0: it 1 +0.5000, it 2 -0.2500; seed 1: it 1 +0.1250, it 2 +1.0000. 3 of 4 are > 0" in md
+    assert "seed 0: it 1 +0.5000, it 2 -0.2500; seed 1: it 1 +0.1250, it 2 +1.0000." in md
 
 
 def test_trajectory_reads_the_policy_path_from_checkpoints(tmp_path):
@@ -88,3 +88,24 @@ def test_trajectory_reads_the_policy_path_from_checkpoints(tmp_path):
     assert p["cos_prev"] == pytest.approx([-1, 0])
     assert p["from_sft"] == pytest.approx([1, 1, 10 ** 0.5])
     assert p["dim"] == 3
+
+    # the rest of a run folder, as train.py writes it: summarize reads the logs around the checkpoints
+    final = {"reward": 0.3, "reward_gain": 0.05, "reward_gain_stderr": 0.01, "kl": 0.2, "n": 4}
+    (tmp_path / "results.json").write_text(json.dumps({"final": final, "sft": {"reward": 0.25}}))
+    steps = [{"iteration": it, "step": t, "reward": 0.0, "seconds": {"step": 1.0 + it},
+              **({"projected_grad": 0.1 * it + 0.01 * t} if it else {"grad_norm": 1.0})} for it in range(3) for t in range(2)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in steps))
+    its = [{"stage": "reward0", "dev": {"pearson": 0.3, "mse": 0.5, "n": 8}}, {"stage": "dev", "iteration": -1, "reward": 0.2}]
+    its += [{"stage": "iteration", "iteration": i, "prev_update_norm": 1.0, "dev": {"reward": 0.21 + i / 100}} for i in range(3)]
+    (tmp_path / "iterations.jsonl").write_text("".join(json.dumps(x) + "\n" for x in its))
+    r = compare_methods.summarize(tmp_path)
+    assert r["step_seconds"] == 2 * 2.0 + 2 * 3.0          # iterations 1 and 2 only, two steps each
+    assert r["first_step_g"] == {1: 0.1, 2: 0.2}            # step 0 of iterations >= 1
+    assert r["dev"] == pytest.approx({-1: 0.2, 0: 0.21, 1: 0.22, 2: 0.23})
+    assert r["rm_dev"]["pearson"] == 0.3 and r["gain"] == 0.05 and r["sft_reward"] == 0.25
+
+
+def test_training_curves_restart_their_moving_average_at_each_iteration():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import compare_methods
+    assert compare_methods.smooth([1, 2, 3, 10, 20, 30], [0, 0, 0, 1, 1, 1], w=2) == [1, 1.5, 2.5, 10, 15, 25]
