@@ -7,6 +7,7 @@ SFT, the initial reward model, iteration 0 (first-order for every method) and th
 the same for all three, so they are computed once per seed. The methods differ from iteration 1 on, and
 only in how θ moves. Finished runs are skipped and stopped ones resumed, so the command can be re-run.
 Flags after `--` go to every train.py call (e.g. `-- --steps-per-iteration 6` for a quick look).
+`--variant NAME FLAGS` adds a row started from the same iteration 0, e.g. `--variant zopro-exp "--decay exp"`.
 
 Writes OUT/comparison.md (the table), OUT/comparison.json, and OUT/{reward_vs_step,reward_vs_time,dev_reward}.png.
 Held-out numbers come from each run's results.json: the final policy and the SFT policy on the same test
@@ -15,6 +16,7 @@ prompts, scored by the run's evaluation reward model (its initial one, never ref
 import argparse
 import json
 import math
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -30,16 +32,17 @@ from metrics import mean_stderr, require  # noqa: E402
 METHODS = ("zopro", "mezo", "rloo")
 
 
-def train(args, method, seed, extra) -> Path:
-    out = Path(args.out) / f"{args.task}-{method}-s{seed}"
+def train(args, name, seed, flags) -> Path:
+    """Run (or resume, or skip if finished) one train.py job; every run but the zopro one starts from the zopro
+    run's iteration 0. flags: `--method M` and any other train.py flags."""
+    out = Path(args.out) / f"{args.task}-{name}-s{seed}"
     if (out / "results.json").exists():
         print(f"[compare] {out} is done")
         return out
-    cmd = [sys.executable, str(ROOT / "train.py"), "--task", args.task, "--method", method, "--seed", str(seed),
-           "--out", str(out), *extra]
+    cmd = [sys.executable, str(ROOT / "train.py"), "--task", args.task, "--seed", str(seed), "--out", str(out), *flags]
     if (out / "config.json").exists():
         cmd.append("--resume")
-    elif method != METHODS[0]:
+    elif name != METHODS[0]:
         cmd += ["--init-from", str(Path(args.out) / f"{args.task}-{METHODS[0]}-s{seed}")]
     print("[compare] " + " ".join(cmd), flush=True)
     if subprocess.run(cmd).returncode != 0:
@@ -212,15 +215,22 @@ def main():
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     ap.add_argument("--out", default="runs/compare")
+    ap.add_argument("--variant", nargs=2, action="append", default=[], metavar=("NAME", "FLAGS"),
+                    help='an extra row: train.py FLAGS from the zopro run\'s iteration 0, in OUT/TASK-NAME-sSEED; '
+                         'e.g. --variant zopro-exp "--decay exp" (train.py\'s default method is zopro)')
     args = ap.parse_args(argv)
+    for name, _ in args.variant:
+        if name in METHODS:
+            raise SystemExit(f"--variant {name}: pick a name that is not a method's ({', '.join(METHODS)})")
     Path(args.out).mkdir(parents=True, exist_ok=True)
     order = [m for m in METHODS if m in args.methods]
     if order[0] != METHODS[0]:
         raise SystemExit("the comparison needs zopro: the other methods start from its iteration 0")
-    results = {m: {} for m in order}
+    jobs = [(m, ["--method", m]) for m in order] + [(name, shlex.split(flags)) for name, flags in args.variant]
+    results = {name: {} for name, _ in jobs}
     for seed in args.seeds:
-        for method in order:
-            results[method][seed] = summarize(train(args, method, seed, extra))
+        for name, flags in jobs:
+            results[name][seed] = summarize(train(args, name, seed, flags + extra))
     out = Path(args.out)
     md = table(results, args.seeds, args.task)
     (out / "comparison.md").write_text(md + "\n")

@@ -109,3 +109,25 @@ def test_training_curves_restart_their_moving_average_at_each_iteration():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import compare_methods
     assert compare_methods.smooth([1, 2, 3, 10, 20, 30], [0, 0, 0, 1, 1, 1], w=2) == [1, 1.5, 2.5, 10, 15, 25]
+
+
+def test_comparison_runs_each_method_and_variant_from_the_zopro_runs_iteration0(tmp_path, monkeypatch):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import compare_methods
+    calls = []
+    monkeypatch.setattr(compare_methods.subprocess, "run", lambda cmd: calls.append(cmd) or subprocess.CompletedProcess(cmd, 0))
+    monkeypatch.setattr(compare_methods, "summarize", lambda run: {})
+    monkeypatch.setattr(compare_methods, "table", lambda *a: "")
+    monkeypatch.setattr(compare_methods, "plots", lambda *a: [])
+    monkeypatch.setattr(sys, "argv", ["compare_methods.py", "--seeds", "3", "--methods", "zopro", "mezo", "--out",
+                                      str(tmp_path), "--variant", "zopro-exp", "--decay exp --decay-rate 2", "--",
+                                      "--iterations", "2"])
+    compare_methods.main()
+    args = [c[2:] for c in calls]                           # drop python and train.py
+    base = str(tmp_path / "wmt-zopro-s3")
+    assert args[0] == ["--task", "wmt", "--seed", "3", "--out", base, "--method", "zopro", "--iterations", "2"]
+    assert args[1] == ["--task", "wmt", "--seed", "3", "--out", str(tmp_path / "wmt-mezo-s3"), "--method", "mezo",
+                       "--iterations", "2", "--init-from", base]
+    assert args[2] == ["--task", "wmt", "--seed", "3", "--out", str(tmp_path / "wmt-zopro-exp-s3"), "--decay", "exp",
+                       "--decay-rate", "2", "--iterations", "2", "--init-from", base]
+    assert len(calls) == 3
