@@ -68,6 +68,19 @@ def trajectory(run: Path) -> dict:
             "cos_prev": [cos(delta[i], delta[i - 1]) for i in range(1, n)], "dim": theta[0].numel()}
 
 
+def mu_share(steps: list[dict]) -> list[float]:
+    """For each iteration ≥ 1 of a targeted-sampler run, the share of its summed step lengths lr·|g|·‖z‖ taken
+    while z is mostly μ (d ≥ 0.5). ‖z‖ ≈ ‖μ‖ at every step of an iteration, so it cancels in the share."""
+    shares = []
+    for it in sorted({m["iteration"] for m in steps if m["iteration"] >= 1}):
+        zo = [m for m in steps if m["iteration"] == it and "projected_grad" in m and not m.get("skipped")]
+        total = sum(m["lr"] * abs(m["projected_grad"]) for m in zo)
+        along_mu = sum(m["lr"] * abs(m["projected_grad"]) for m in zo if m["decay"] >= 0.5)
+        if total > 0:
+            shares.append(along_mu / total)
+    return shares
+
+
 def summarize(run: Path) -> dict:
     """One run's numbers: held-out reward and gain over SFT, KL, the seconds its policy steps took from
     iteration 1 on (where the methods differ; refinement and evaluation are the same for all), and its path."""
@@ -86,7 +99,8 @@ def summarize(run: Path) -> dict:
                     **{x["iteration"]: x["dev"]["reward"] for x in its}},
             # the evaluation reward model's quality on held-out human labels (Pearson r, or pair accuracy)
             "rm_dev": next((x["dev"] for x in read_jsonl(run / "iterations.jsonl") if x["stage"] == "reward0"), {}),
-            "path": trajectory(run), "steps": steps}
+            "path": trajectory(run), "steps": steps,
+            "mu_share": mu_share(steps) if json.loads((run / "config.json").read_text())["method"] == "zopro" else []}
 
 
 def fmt(xs: list[float], digits: int = 3, sign: str = "+", se1: float | None = None) -> str:
@@ -128,18 +142,23 @@ def paths(results: dict) -> str:
     """How far and which way each method moved the policy adapter from iteration 1 on (mean ± stderr over seeds,
     and over iterations for the per-iteration columns), and zopro's measured slope along μ."""
     lines = ["| method | ‖Δθ‖ an iteration, iterations ≥ 1 | mean abs cos(Δθ⁽ⁱ⁾, Δθ⁽ⁱ⁻¹⁾), i ≥ 1 | cos, each seed and i "
-             "| ‖θ − θ_SFT‖ after iteration 0 | ‖θ − θ_SFT‖ final | seeds |", "|---|---|---|---|---|---|---|"]
+             "| share of step length while d ≥ 0.5 | ‖θ − θ_SFT‖ after iteration 0 | ‖θ − θ_SFT‖ final | seeds |",
+             "|---|---|---|---|---|---|---|---|"]
     for method, per_seed in results.items():
         ps = [r["path"] for r in per_seed.values()]
+        mu = [x for r in per_seed.values() for x in r.get("mu_share", [])]  # targeted-sampler runs only
         lines.append(f"| {method} | {fmt([x for p in ps for x in p['step_norm'][1:]], sign='')} | "
                      f"{fmt([abs(x) for p in ps for x in p['cos_prev']], sign='')} | "
                      f"{' '.join(f'{x:+.2f}' for p in ps for x in p['cos_prev'])} | "
+                     f"{fmt(mu, sign='') if mu else '-'} | "
                      f"{fmt([p['from_sft'][0] for p in ps], sign='')} | {fmt([p['from_sft'][-1] for p in ps], sign='')} | "
                      f"{len(ps)} |")
     dim = next(iter(next(iter(results.values())).values()))["path"]["dim"]
     lines.append(f"\nΔθ⁽ⁱ⁾ = θ⁽ⁱ⁾ − θ⁽ⁱ⁻¹⁾ over the N = {dim:,} adapter weights (from the runs' checkpoints); two random "
-                 f"directions have |cos| of order 1/√N = {1 / math.sqrt(dim):.4f}. In the two per-iteration columns ± "
-                 "pools seeds and iterations, which are not independent.")
+                 f"directions have |cos| of order 1/√N = {1 / math.sqrt(dim):.4f}. In the per-iteration columns ± "
+                 "pools seeds and iterations, which are not independent. The share column is the targeted sampler's: of the "
+                 "summed lengths of an iteration's SPSA steps (lr·|g|·‖z‖, ‖z‖ the same at every step), the part taken "
+                 "while z is mostly the previous update μ.")
     g = {s: r["first_step_g"] for s, r in results[METHODS[0]].items()}
     lines.append(f"\n{METHODS[0]}'s first step of each iteration ≥ 1 measures the slope of the loss along the "
                  "previous update (z ≈ μ/‖μ‖ at d = d0; > 0: the loss rises along μ, and that step goes back along −μ): "

@@ -37,13 +37,14 @@ def test_comparison_table_means_over_seeds_and_times_relative_within_a_seed():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import compare_methods
 
-    def run(reward, secs, norms=(1.0, 1.0, 1.0), cos=(0.0, 0.0), g=None):
+    def run(reward, secs, norms=(1.0, 1.0, 1.0), cos=(0.0, 0.0), g=None, mu_share=()):
         return {"reward": reward, "sft_reward": 0.1, "gain": reward - 0.1, "gain_stderr": 0.0, "kl": 0.5, "n": 8,
                 "step_seconds": secs, "first_step_g": g or {}, "rm_dev": {"pearson": reward, "mse": 1.0, "n": 8},
+                "mu_share": list(mu_share),
                 "path": {"step_norm": list(norms), "cos_prev": list(cos), "from_sft": [0.5, 0.25, 0.75], "dim": 10_000}}
     # Seed 1 ran on a machine twice as loaded: absolute times differ, ratios to zopro do not.
-    results = {"zopro": {0: run(0.3, 100.0, (9.0, 0.2, 0.4), (-0.5, 0.25), {1: 0.5, 2: -0.25}),
-                         1: run(0.5, 200.0, (9.0, 0.6, 0.8), (-1.0, 0.75), {1: 0.125, 2: 1.0})},
+    results = {"zopro": {0: run(0.3, 100.0, (9.0, 0.2, 0.4), (-0.5, 0.25), {1: 0.5, 2: -0.25}, (0.5, 0.7)),
+                         1: run(0.5, 200.0, (9.0, 0.6, 0.8), (-1.0, 0.75), {1: 0.125, 2: 1.0}, (0.6, 0.8))},
                "mezo": {0: run(0.2, 110.0), 1: run(0.2, 220.0)}}
     md = compare_methods.table(results, [0, 1], "wmt")
     rows = {}
@@ -63,7 +64,9 @@ def test_comparison_table_means_over_seeds_and_times_relative_within_a_seed():
     assert rows["zopro"][1][0] == "0.500 ± 0.129"      # 0.2 0.4 0.6 0.8: mean 0.5, sd 0.2582, / √4
     assert rows["zopro"][1][1] == "0.625 ± 0.161"      # |cos| 0.5 0.25 1 0.75: mean 0.625, sd 0.3227, / √4
     assert rows["zopro"][1][2] == "-0.50 +0.25 -1.00 +0.75"
-    assert rows["zopro"][1][3:5] == ["0.500 ± 0.000", "0.750 ± 0.000"]
+    assert rows["zopro"][1][3] == "0.650 ± 0.065"      # 0.5 0.7 0.6 0.8: mean 0.65, sd 0.1291, / √4
+    assert rows["mezo"][1][3] == "-"                   # no targeted sampler, no μ
+    assert rows["zopro"][1][4:6] == ["0.500 ± 0.000", "0.750 ± 0.000"]
     assert "1/√N = 0.0100" in md
     assert "seed 0: pearson 0.30; seed 1: pearson 0.50." in md  # zopro's runs carry the seed's reward model
     assert "seed 0: it 1 +0.5000, it 2 -0.2500; seed 1: it 1 +0.1250, it 2 +1.0000." in md
@@ -75,7 +78,7 @@ def test_trajectory_reads_the_policy_path_from_checkpoints(tmp_path):
     import runs
 
     (tmp_path / "checkpoints").mkdir()
-    (tmp_path / "config.json").write_text(json.dumps({"iterations": 3}))
+    (tmp_path / "config.json").write_text(json.dumps({"iterations": 3, "method": "zopro"}))
     # θ as two tensors of a 3-vector: SFT at 0, then steps (1,0,0), (-2,0,0) (straight back), (0,0,3)
     pts = [[0, 0, 0], [1, 0, 0], [-1, 0, 0], [-1, 0, 3]]
     split = lambda v: {"a.lora_A": torch.tensor(v[:1], dtype=torch.float32), "a.lora_B": torch.tensor(v[1:], dtype=torch.float32)}  # noqa: E731
@@ -92,7 +95,7 @@ def test_trajectory_reads_the_policy_path_from_checkpoints(tmp_path):
     # the rest of a run folder, as train.py writes it: summarize reads the logs around the checkpoints
     final = {"reward": 0.3, "reward_gain": 0.05, "reward_gain_stderr": 0.01, "kl": 0.2, "n": 4}
     (tmp_path / "results.json").write_text(json.dumps({"final": final, "sft": {"reward": 0.25}}))
-    steps = [{"iteration": it, "step": t, "reward": 0.0, "seconds": {"step": 1.0 + it},
+    steps = [{"iteration": it, "step": t, "reward": 0.0, "seconds": {"step": 1.0 + it}, "lr": 1.0 + t, "decay": 0.9 - 0.5 * t,
               **({"projected_grad": 0.1 * it + 0.01 * t} if it else {"grad_norm": 1.0})} for it in range(3) for t in range(2)]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in steps))
     its = [{"stage": "reward0", "dev": {"pearson": 0.3, "mse": 0.5, "n": 8}}, {"stage": "dev", "iteration": -1, "reward": 0.2}]
@@ -101,6 +104,8 @@ def test_trajectory_reads_the_policy_path_from_checkpoints(tmp_path):
     r = compare_methods.summarize(tmp_path)
     assert r["step_seconds"] == 2 * 2.0 + 2 * 3.0          # iterations 1 and 2 only, two steps each
     assert r["first_step_g"] == {1: 0.1, 2: 0.2}            # step 0 of iterations >= 1
+    # step lengths lr·|g|: iteration 1 takes 1·0.1 at d 0.9 and 2·0.11 at d 0.4, iteration 2 1·0.2 and 2·0.21
+    assert r["mu_share"] == pytest.approx([0.1 / 0.32, 0.2 / 0.62])
     assert r["dev"] == pytest.approx({-1: 0.2, 0: 0.21, 1: 0.22, 2: 0.23})
     assert r["rm_dev"]["pearson"] == 0.3 and r["gain"] == 0.05 and r["sft_reward"] == 0.25
 
